@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: demo test lint clean-demo
+
+$(BIN)/.installed: requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+demo: $(BIN)/.installed  ## break sample_project like a two-GPU rc5 run, show evaluate_network fail, fix, show it work
+	$(BIN)/python scripts/demo.py sample_project
+
+test: $(BIN)/.installed  ## lint, then every test, including the ones that run the real DeepLabCut
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf sample_project/.dlc-snapshot-fix sample_project/evaluation-results-pytorch
+	find sample_project -name '*.pt' -delete

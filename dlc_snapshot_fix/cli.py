@@ -1,0 +1,95 @@
+"""``dlc-snapshot-fix``: parse arguments, call the Python API, render its report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dlc_snapshot_fix import __version__
+from dlc_snapshot_fix.discover import ProjectError
+from dlc_snapshot_fix.migrate import ProjectBusyError, migrate_project, restore_project
+from dlc_snapshot_fix.report import ExitCode, ProjectReport
+
+
+class DefaultToMigrate(click.Group):
+    """``dlc-snapshot-fix PROJECT`` means ``dlc-snapshot-fix migrate PROJECT``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["migrate", *args]
+        return super().parse_args(ctx, args)
+
+
+def _emit(report: ProjectReport, json_path: str | None, quiet: bool) -> None:
+    if json_path == "-":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    lines = report.render_lines()
+    if quiet:
+        lines = lines[-1:]
+    for text, colour in lines:
+        click.secho(text, fg=colour)
+
+
+def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> None:
+    try:
+        report = action()
+    except (ProjectError, ProjectBusyError) as error:
+        click.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(ExitCode.USAGE)
+    _emit(report, json_path, quiet)
+    sys.exit(report.exit_code(check=check))
+
+
+JSON_OPTION = click.option(
+    "--json", "json_path", metavar="FILE", help="Also write the report as JSON to FILE ('-': only JSON, to stdout)."
+)
+QUIET_OPTION = click.option("--quiet", "-q", is_flag=True, help="Print only the summary line.")
+
+
+@click.group(cls=DefaultToMigrate, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dlc-snapshot-fix")
+def main() -> None:
+    """Make DeepLabCut 3 snapshots saved from DataParallel/DDP/torch.compile models loadable again.
+
+    dlc-snapshot-fix PROJECT is short for dlc-snapshot-fix migrate PROJECT.
+
+    \b
+    Exit codes: 0 all good; 1 --check found snapshots to migrate;
+    2 bad arguments or not a readable project; 3 a snapshot failed or
+    does not load into its model.
+    """
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if any snapshot needs migrating.")
+@click.option("--dry-run", is_flag=True, help="Write nothing; show what would change.")
+@click.option("--no-model-check", is_flag=True, help="Skip loading each state dict into its DeepLabCut model.")
+@JSON_OPTION
+@QUIET_OPTION
+def migrate(
+    project: Path, check: bool, dry_run: bool, no_model_check: bool, json_path: str | None, quiet: bool
+) -> None:
+    """Back up, fix in place and verify every snapshot of PROJECT (a folder or its config.yaml)."""
+    write = not (check or dry_run)
+    _run(
+        lambda: migrate_project(project, write=write, check_model=not no_model_check),
+        json_path,
+        quiet,
+        check=check,
+    )
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path))
+@JSON_OPTION
+@QUIET_OPTION
+def restore(project: Path, json_path: str | None, quiet: bool) -> None:
+    """Put back the original bytes of every snapshot this tool rewrote in PROJECT."""
+    _run(lambda: restore_project(project), json_path, quiet)

@@ -1,0 +1,185 @@
+"""Find every snapshot of a DeepLabCut project, reading its YAML files and nothing else.
+
+DeepLabCut's own ``read_config`` may write ``config.yaml`` back, so YAML is read here
+with ``yaml.safe_load``, read-only. Shuffle folders are globbed rather than rebuilt
+from ``TrainingFraction`` (``int(fraction * 100)`` truncation makes names surprising).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dlc_snapshot_fix import names
+
+Role = Literal["pose", "detector", "exported"]
+
+PYTORCH_MODELS = "dlc-models-pytorch"
+TENSORFLOW_MODELS = "dlc-models"
+EXPORTED_MODELS = "exported-models-pytorch"
+MODEL_PREFIX_DEPTH = 3
+"""How deep below the project a ``dlc-models-pytorch`` folder may sit (model prefixes)."""
+
+
+class ProjectError(Exception):
+    """The path given is not a DeepLabCut project this tool can read."""
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """One file holding state dicts, and the model config it belongs to."""
+
+    path: Path
+    role: Role
+    pytorch_config: Path | None
+    """The shuffle's ``pytorch_config.yaml``; ``None`` for exported models (they carry their own)."""
+
+    @property
+    def state_dict_entries(self) -> tuple[str, ...]:
+        """Top-level entries of the file that are state dicts with parameter names."""
+        return ("pose", "detector") if self.role == "exported" else ("model",)
+
+
+@dataclass(frozen=True)
+class SkippedPath:
+    path: Path
+    reason: str
+
+
+@dataclass
+class ProjectInventory:
+    """What discovery found: the files to look at and what it passed over, with reasons."""
+
+    project: Path
+    config: dict[str, Any]
+    snapshots: list[SnapshotFile] = field(default_factory=list)
+    skipped: list[SkippedPath] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_yaml(path: Path) -> Any:
+    """Read a YAML file read-only, turning parse errors into a message that names the file."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return yaml.safe_load(stream)
+    except yaml.YAMLError as error:
+        raise ProjectError(f"{path}: not valid YAML ({error}). Fix or restore this file.") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ProjectError(f"{path}: cannot be read ({error}).") from error
+
+
+def project_root(path: Path) -> Path:
+    """The project folder for a project folder or its ``config.yaml``."""
+    path = Path(path)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path.parent
+    return path
+
+
+def discover_project(path: Path) -> ProjectInventory:
+    """List every snapshot of the project at ``path`` (a folder or its ``config.yaml``)."""
+    project = project_root(Path(path)).absolute()
+    config_file = project / "config.yaml"
+    if not config_file.is_file():
+        raise ProjectError(f"{project}: no config.yaml here. Pass a DeepLabCut project folder or its config.yaml.")
+    config = read_yaml(config_file)
+    if not isinstance(config, dict):
+        raise ProjectError(f"{config_file}: not a DeepLabCut project configuration (no mapping).")
+
+    inventory = ProjectInventory(project=project, config=config)
+    recorded = config.get("project_path")
+    if recorded and Path(str(recorded)) != project:
+        inventory.warnings.append(
+            f"config.yaml says project_path is {recorded}; using {project}, where it actually is."
+        )
+    for models_dir in _model_roots(project, PYTORCH_MODELS):
+        for train_dir in sorted(models_dir.glob("iteration-*/*/train")):
+            _discover_train_dir(train_dir, inventory)
+    for tf_dir in _model_roots(project, TENSORFLOW_MODELS):
+        for shuffle in sorted(tf_dir.glob("iteration-*/*")):
+            inventory.skipped.append(
+                SkippedPath(shuffle, "TensorFlow-engine model: not a PyTorch snapshot, left alone")
+            )
+    _discover_exported(project / EXPORTED_MODELS, inventory)
+    return inventory
+
+
+def _model_roots(project: Path, folder_name: str) -> list[Path]:
+    """``folder_name`` folders at the project root or under a model prefix, without following links."""
+    found = []
+    for current, subdirs, _ in os.walk(project):
+        depth = len(Path(current).relative_to(project).parts)
+        if folder_name in subdirs:
+            found.append(Path(current) / folder_name)
+        subdirs[:] = [
+            d
+            for d in subdirs
+            if depth < MODEL_PREFIX_DEPTH
+            and d not in (PYTORCH_MODELS, TENSORFLOW_MODELS, names.TOOL_DIR_NAME)
+            and not d.startswith(".")
+        ]
+    return sorted(found)
+
+
+def _snapshot_prefixes(model_config: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """Pose and detector prefixes to look for: DeepLabCut's defaults plus any custom ones."""
+    pose, detector = {names.POSE_PREFIX}, {names.DETECTOR_PREFIX}
+    custom = (model_config.get("runner") or {}).get("snapshot_prefix")
+    if custom:
+        pose.add(str(custom))
+    custom = ((model_config.get("detector") or {}).get("runner") or {}).get("snapshot_prefix")
+    if custom:
+        detector.add(str(custom))
+    return pose, detector
+
+
+def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
+    config_file = train_dir / "pytorch_config.yaml"
+    model_config: dict[str, Any] = {}
+    if not config_file.is_file():
+        inventory.warnings.append(f"{config_file}: missing; snapshots here cannot be checked against their model.")
+        config_file_or_none: Path | None = None
+    else:
+        config_file_or_none = config_file
+        try:
+            loaded = read_yaml(config_file)
+            model_config = loaded if isinstance(loaded, dict) else {}
+        except ProjectError as error:
+            inventory.warnings.append(f"{error} Snapshots here use DeepLabCut's default names.")
+            config_file_or_none = None
+    pose_prefixes, detector_prefixes = _snapshot_prefixes(model_config)
+    legacy_names = {names.legacy_best_name(p) for p in pose_prefixes | detector_prefixes}
+
+    for entry in sorted(train_dir.iterdir()):
+        name = entry.name
+        role: Role | None = None
+        if any(names.is_dlc_snapshot_name(name, p) for p in detector_prefixes):
+            role = "detector"
+        elif any(names.is_dlc_snapshot_name(name, p) for p in pose_prefixes):
+            role = "pose"
+        elif name in legacy_names:
+            role = "detector" if "detector" in name else "pose"
+        elif name.endswith(".pt") and not name.startswith("."):
+            inventory.skipped.append(
+                SkippedPath(entry, "not named like a DeepLabCut snapshot; DeepLabCut never loads it")
+            )
+            continue
+        else:
+            continue
+        if entry.is_symlink() or not entry.is_file():
+            kind = "a symbolic link" if entry.is_symlink() else "not a regular file"
+            inventory.skipped.append(SkippedPath(entry, f"named like a snapshot but {kind}; left alone"))
+            continue
+        inventory.snapshots.append(SnapshotFile(entry, role, config_file_or_none))
+
+
+def _discover_exported(exported_dir: Path, inventory: ProjectInventory) -> None:
+    if not exported_dir.is_dir():
+        return
+    for entry in sorted(exported_dir.glob("*/*.pt")):
+        if entry.is_file() and not entry.is_symlink():
+            inventory.snapshots.append(SnapshotFile(entry, "exported", None))

@@ -1,0 +1,220 @@
+"""The data path for one project: discover → inspect → transform → store → verify → report.
+
+``migrate_project`` and ``restore_project`` are the public API; the CLI calls nothing
+else. A snapshot that cannot be handled is reported as failed, unchanged, and the
+others are still processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import filelock
+
+from dlc_snapshot_fix import names, store, transforms
+from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
+from dlc_snapshot_fix.reading import SnapshotReadError, load_snapshot
+from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
+from dlc_snapshot_fix.verify import ModelChecker, compare_snapshots
+
+LOCK_TIMEOUT_S = 0
+"""Another run holding the project's lock makes this one stop at once rather than wait."""
+
+
+class ProjectBusyError(RuntimeError):
+    """Another dlc-snapshot-fix run is writing this project."""
+
+
+def migrate_project(
+    path: Path,
+    *,
+    write: bool = True,
+    check_model: bool = True,
+    on_result: Callable[[SnapshotResult], None] | None = None,
+) -> ProjectReport:
+    """Strip wrapper prefixes from every snapshot of the project at ``path``.
+
+    With ``write=False`` nothing is written (no lock, no manifest, no backup) and
+    snapshots that need work are reported as ``needs fix``. With ``check_model`` each
+    state dict is checked against the model its ``pytorch_config.yaml`` describes,
+    when deeplabcut is installed.
+    """
+    inventory = discover_project(path)
+    report = _new_report(inventory, "migrate" if write else "check")
+    checker = ModelChecker(enabled=check_model)
+    with contextlib.ExitStack() as cleanup:
+        writer = _ProjectWriter(inventory.project, cleanup) if write else None
+        for snapshot_file in inventory.snapshots:
+            _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker), on_result)
+    return report
+
+
+class _ProjectWriter:
+    """Takes the project's lock and opens its manifest the first time a snapshot needs writing.
+
+    Lazily, so that a run with nothing to do writes nothing at all (not even a lock file).
+    """
+
+    def __init__(self, project: Path, cleanup: contextlib.ExitStack):
+        self.project = project
+        self._cleanup = cleanup
+        self._manifest: store.Manifest | None = None
+
+    def manifest(self) -> store.Manifest:
+        if self._manifest is None:
+            self._cleanup.enter_context(_project_lock(self.project))
+            self._manifest = store.Manifest(self.project)
+        return self._manifest
+
+
+def restore_project(path: Path, *, on_result: Callable[[SnapshotResult], None] | None = None) -> ProjectReport:
+    """Put back, byte for byte, every original this tool replaced in the project at ``path``."""
+    inventory = discover_project(path)
+    report = _new_report(inventory, "restore")
+    report.skipped = []
+    if not names.manifest_path(inventory.project).exists():
+        return report
+    with _project_lock(inventory.project):
+        manifest = store.Manifest(inventory.project)
+        latest = {entry.path: entry for entry in manifest.entries}
+        for entry in latest.values():
+            _record(report, _restore_one(inventory.project, manifest, entry), on_result)
+    return report
+
+
+def _new_report(inventory: ProjectInventory, action: str) -> ProjectReport:
+    return ProjectReport(
+        project=inventory.project,
+        action=action,
+        skipped=list(inventory.skipped),
+        warnings=list(inventory.warnings),
+    )
+
+
+def _record(report: ProjectReport, result: SnapshotResult, on_result: Callable[[SnapshotResult], None] | None) -> None:
+    report.results.append(result)
+    if on_result is not None:
+        on_result(result)
+
+
+@contextlib.contextmanager
+def _project_lock(project: Path) -> Iterator[None]:
+    """Hold the project's lock for a writing run, or stop at once if another run holds it."""
+    lock_file = names.lock_path(project)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with filelock.FileLock(lock_file, timeout=LOCK_TIMEOUT_S):
+            yield
+    except filelock.Timeout as error:
+        raise ProjectBusyError(
+            f"{project}: another dlc-snapshot-fix run holds {lock_file}; wait for it to finish, then run again"
+        ) from error
+
+
+def _migrate_one(
+    snapshot_file: SnapshotFile,
+    project: Path,
+    writer: _ProjectWriter | None,
+    checker: ModelChecker,
+) -> SnapshotResult:
+    started = time.perf_counter()
+    path = snapshot_file.path
+    result = SnapshotResult(path=path, role=snapshot_file.role, status=Status.CLEAN)
+    try:
+        result.size = path.stat().st_size
+        fixed, result.stripped = _inspect(snapshot_file)
+        if result.stripped and writer is not None:
+            manifest = writer.manifest()
+            # read again under the lock: another run may have rewritten it since
+            fixed, result.stripped = _inspect(snapshot_file)
+    except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
+        result.status = Status.FAILED
+        result.reason = _failure_reason(error)
+        result.seconds = time.perf_counter() - started
+        return result
+    for entry in transforms.present_entries(fixed, snapshot_file.state_dict_entries):
+        result.model_checks[entry] = checker.check(snapshot_file, fixed, entry)
+    if result.stripped:
+        result.status = Status.NEEDS_FIX
+        if writer is not None:
+            _rewrite(result, project, manifest, fixed)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _inspect(snapshot_file: SnapshotFile) -> tuple[dict, list[transforms.StrippedEntry]]:
+    return transforms.strip_wrapper_prefixes(load_snapshot(snapshot_file.path), snapshot_file.state_dict_entries)
+
+
+def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fixed: dict) -> None:
+    """Backup, atomic replace, read-back; on a read-back difference the original goes back."""
+    path = result.path
+    change = "; ".join(f"{s.entry}: stripped {'+'.join(s.prefixes)}" for s in result.stripped)
+    try:
+        result.sha256_before = store.sha256_of(path)
+        backup = names.backup_path(project, path, result.sha256_before)
+        method = store.keep_original(path, backup, result.sha256_before)
+        entry = manifest.add(path, backup, result.sha256_before, method, change)
+        result.backup = backup
+        result.sha256_after = store.replace_with_snapshot(path, fixed)
+    except OSError as error:
+        result.status = Status.FAILED
+        result.reason = f"could not write ({error.strerror or error}); the snapshot is unchanged"
+        return
+    differences = compare_snapshots(fixed, load_snapshot(path))
+    if differences:
+        store.put_back(backup, path)
+        entry.state = "restored"
+        manifest.save()
+        result.status = Status.FAILED
+        result.reason = f"read-back differed ({differences[0]}); the original was put back"
+        return
+    entry.sha256_after = result.sha256_after
+    entry.state = "done"
+    manifest.save()
+    result.status = Status.FIXED
+
+
+def _restore_one(project: Path, manifest: store.Manifest, entry: store.ManifestEntry) -> SnapshotResult:
+    started = time.perf_counter()
+    path = project / entry.path
+    backup = project / entry.backup
+    result = SnapshotResult(path=path, role="snapshot", status=Status.NOTHING_TO_RESTORE, backup=backup)
+    result.sha256_before = entry.sha256_before
+    if entry.state == "restored":
+        result.reason = "already restored"
+        return result
+    current = store.sha256_of(path) if path.exists() else None
+    if current == entry.sha256_before:
+        result.reason = "already holds its original bytes"
+    elif not backup.is_file():
+        result.status = Status.FAILED
+        result.reason = f"backup {backup} is missing; cannot restore"
+    elif current not in (entry.sha256_after, None):
+        result.status = Status.FAILED
+        result.reason = (
+            f"changed since this tool rewrote it (sha256 differs); not restored. The original is still at {backup}"
+        )
+    elif store.sha256_of(backup) != entry.sha256_before:
+        result.status = Status.FAILED
+        result.reason = f"backup {backup} does not match the recorded sha256; not restored"
+    else:
+        store.put_back(backup, path)
+        result.status = Status.RESTORED
+        result.sha256_after = store.sha256_of(path)
+    if result.status != Status.FAILED:
+        entry.state = "restored"
+        manifest.save()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, SnapshotReadError):
+        return f"{error.problem}. {error.advice}"
+    if isinstance(error, OSError):
+        return f"cannot be read ({error.strerror or error}). Check its permissions, then run again"
+    return f"{error}. The file is left as it is"

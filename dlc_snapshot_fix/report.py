@@ -1,0 +1,174 @@
+"""One result type per snapshot, made by the code that does the work, rendered here.
+
+The migration code fills :class:`SnapshotResult` and :class:`ProjectReport`; this
+module turns them into what a person reads (a short table and a summary) and what a
+script reads (JSON). The CLI only chooses between them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlc_snapshot_fix.discover import SkippedPath
+from dlc_snapshot_fix.transforms import StrippedEntry
+from dlc_snapshot_fix.verify import ModelCheck
+
+
+class Status(str, enum.Enum):
+    FIXED = "fixed"
+    CLEAN = "already clean"
+    NEEDS_FIX = "needs fix"
+    RESTORED = "restored"
+    NOTHING_TO_RESTORE = "nothing to restore"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class ExitCode(enum.IntEnum):
+    """The command's exit codes (documented in the README)."""
+
+    OK = 0
+    NEEDS_MIGRATION = 1
+    """``--check`` only: at least one snapshot still has a wrapper prefix."""
+    USAGE = 2
+    """Bad arguments, or the path is not a readable DeepLabCut project."""
+    PROBLEMS = 3
+    """At least one snapshot failed, or does not load into its model."""
+
+
+@dataclass
+class SnapshotResult:
+    path: Path
+    role: str
+    status: Status
+    reason: str = ""
+    stripped: list[StrippedEntry] = field(default_factory=list)
+    model_checks: dict[str, ModelCheck] = field(default_factory=dict)
+    size: int | None = None
+    sha256_before: str | None = None
+    sha256_after: str | None = None
+    backup: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def fits_model(self) -> bool:
+        return all(check.status != "mismatch" for check in self.model_checks.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.status != Status.FAILED and self.fits_model
+
+    def describe(self) -> str:
+        """One line: what was (or would be) changed, then how the model check went."""
+        parts = []
+        if self.reason:
+            parts.append(self.reason)
+        for item in self.stripped:
+            prefixes = " + ".join(repr(p) for p in item.prefixes)
+            verb = "would strip" if self.status == Status.NEEDS_FIX else "stripped"
+            parts.append(f"{verb} {prefixes} from {item.entry!r} ({item.key_count} keys)")
+        for entry, check in self.model_checks.items():
+            text = check.summary()
+            if check.status == "mismatch":
+                text = f"does not load into its model: {text}"
+            if text:
+                parts.append(text if len(self.model_checks) == 1 else f"{entry}: {text}")
+        return "; ".join(parts)
+
+
+@dataclass
+class ProjectReport:
+    project: Path
+    action: str
+    results: list[SnapshotResult] = field(default_factory=list)
+    skipped: list[SkippedPath] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def count(self, status: Status) -> int:
+        return sum(result.status == status for result in self.results)
+
+    def exit_code(self, check: bool = False) -> ExitCode:
+        if any(not result.ok for result in self.results):
+            return ExitCode.PROBLEMS
+        if check and self.count(Status.NEEDS_FIX):
+            return ExitCode.NEEDS_MIGRATION
+        return ExitCode.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "project": str(self.project),
+            "action": self.action,
+            "snapshots": [
+                {
+                    "path": str(r.path),
+                    "role": r.role,
+                    "status": r.status.value,
+                    "reason": r.reason,
+                    "stripped": [
+                        {"entry": s.entry, "prefixes": list(s.prefixes), "keys": s.key_count} for s in r.stripped
+                    ],
+                    "model_check": {
+                        entry: {
+                            "status": c.status,
+                            "reason": c.reason,
+                            "missing": c.missing,
+                            "unexpected": c.unexpected,
+                            "shape_mismatches": [
+                                {"key": k, "snapshot": list(s), "model": list(m)} for k, s, m in c.shape_mismatches
+                            ],
+                        }
+                        for entry, c in r.model_checks.items()
+                    },
+                    "size": r.size,
+                    "sha256_before": r.sha256_before,
+                    "sha256_after": r.sha256_after,
+                    "backup": str(r.backup) if r.backup else None,
+                    "seconds": round(r.seconds, 3),
+                }
+                for r in self.results
+            ],
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "warnings": self.warnings,
+            "summary": {status.value: self.count(status) for status in Status if self.count(status)},
+        }
+
+    def render_lines(self) -> list[tuple[str, str | None]]:
+        """Text lines for a terminal, each with a colour name (or ``None``)."""
+        colours = {
+            Status.FIXED: "green",
+            Status.RESTORED: "green",
+            Status.CLEAN: None,
+            Status.NOTHING_TO_RESTORE: None,
+            Status.NEEDS_FIX: "yellow",
+            Status.SKIPPED: "yellow",
+            Status.FAILED: "red",
+        }
+        lines: list[tuple[str, str | None]] = [(f"{self.action}: {self.project}", None)]
+        lines += [(f"  warning: {w}", "yellow") for w in self.warnings]
+        for result in self.results:
+            colour = colours[result.status] if result.fits_model else "red"
+            lines.append((f"  {result.status.value:<14} {self._relative(result.path)}", colour))
+            if detail := result.describe():
+                lines.append((f"  {'':<14}   {detail}", None))
+        for skipped in self.skipped:
+            lines.append((f"  {'skipped':<14} {self._relative(skipped.path)}: {skipped.reason}", "yellow"))
+        counts = (
+            ", ".join(f"{self.count(status)} {status.value}" for status in Status if self.count(status))
+            or "no snapshots found"
+        )
+        if self.skipped:
+            counts += f", {len(self.skipped)} paths skipped"
+        misfits = sum(not r.fits_model for r in self.results)
+        if misfits:
+            counts += f", {misfits} not loading into their model"
+        lines.append((f"summary: {counts}", None))
+        return lines
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(self.project))
+        except ValueError:
+            return str(path)

@@ -1,0 +1,193 @@
+"""Keep the original, then replace a snapshot atomically: the only code that writes snapshots.
+
+The order is what makes a crash at any instant harmless:
+
+1. the original's bytes are kept under ``.dlc-snapshot-fix/backups/`` (a hard link to
+   the original inode where the file system allows it, so nothing is copied and the
+   bytes cannot differ; a full copy, fsynced, elsewhere) and recorded in the manifest;
+2. the new snapshot is written to a hidden temp file in the snapshot's own folder and
+   fsynced;
+3. ``os.replace`` swaps it in under the same name, and the folder is fsynced.
+
+Before step 3 the snapshot path still holds the original; after it, the complete new
+file. The original inode is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlc_snapshot_fix import __version__, names
+
+CHUNK = 1 << 20
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or link in ``folder`` durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def keep_original(snapshot: Path, backup: Path, sha256: str) -> str:
+    """Keep ``snapshot``'s current bytes at ``backup``; return how (``"hardlink"`` or ``"copy"``).
+
+    An existing backup with the same content (an earlier, interrupted run) is reused.
+    """
+    if backup.exists():
+        if sha256_of(backup) == sha256:
+            return "existing"
+        raise FileExistsError(f"{backup} exists with other content; move it away and run again")
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(snapshot, backup)
+        method = "hardlink"
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
+            raise
+        partial = names.temp_path(backup, secrets.token_hex(4))
+        try:
+            with open(snapshot, "rb") as source, open(partial, "xb") as target:
+                shutil.copyfileobj(source, target, CHUNK)
+                target.flush()
+                os.fsync(target.fileno())
+            if sha256_of(partial) != sha256:
+                raise OSError(f"copy of {snapshot} to {partial} does not match the original")
+            os.replace(partial, backup)
+        finally:
+            partial.unlink(missing_ok=True)
+        method = "copy"
+    fsync_dir(backup.parent)
+    return method
+
+
+def replace_with_snapshot(target: Path, snapshot: dict[str, Any]) -> str:
+    """Write ``snapshot`` with ``torch.save`` to a temp file beside ``target``, fsync, swap it in.
+
+    Returns the new file's sha256. On any error the temp file is removed and ``target``
+    is untouched. The file's permission bits are carried over.
+    """
+    temp = names.temp_path(target, secrets.token_hex(4))
+    try:
+        with open(temp, "xb") as stream:
+            torch.save(snapshot, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(temp, target.stat().st_mode & 0o7777)
+        digest = sha256_of(temp)
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return digest
+
+
+def put_back(backup: Path, target: Path) -> None:
+    """Atomically move the kept original from ``backup`` back to ``target``.
+
+    A move, not a link: a hard link left between the two would let a later in-place
+    ``torch.save`` to ``target`` (DeepLabCut rewriting a snapshot) change the backup too.
+    """
+    try:
+        os.replace(backup, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        temp = names.temp_path(target, secrets.token_hex(4))
+        try:
+            shutil.copy2(backup, temp)
+            with open(temp, "rb+") as stream:
+                os.fsync(stream.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        backup.unlink()
+    fsync_dir(target.parent)
+
+
+@dataclass
+class ManifestEntry:
+    """One rewrite of one snapshot: enough to find, check and put back the original."""
+
+    path: str
+    """The snapshot, relative to the project."""
+    backup: str
+    """The kept original, relative to the project."""
+    sha256_before: str
+    sha256_after: str | None
+    backup_method: str
+    tool_version: str
+    time: str
+    change: str
+    state: str = "pending"
+    """``pending`` (backup kept, rewrite not yet confirmed), ``done`` or ``restored``."""
+
+
+class Manifest:
+    """The project's record of rewrites, ``.dlc-snapshot-fix/manifest.json``, saved atomically."""
+
+    def __init__(self, project: Path):
+        self.project = project
+        self.path = names.manifest_path(project)
+        self.entries: list[ManifestEntry] = []
+        if self.path.exists():
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.entries = [ManifestEntry(**entry) for entry in data.get("entries", [])]
+
+    def add(self, snapshot: Path, backup: Path, sha256_before: str, backup_method: str, change: str) -> ManifestEntry:
+        entry = ManifestEntry(
+            path=str(snapshot.relative_to(self.project)),
+            backup=str(backup.relative_to(self.project)),
+            sha256_before=sha256_before,
+            sha256_after=None,
+            backup_method=backup_method,
+            tool_version=__version__,
+            time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            change=change,
+        )
+        self.entries.append(entry)
+        self.save()
+        return entry
+
+    def latest(self, relative_path: str) -> ManifestEntry | None:
+        for entry in reversed(self.entries):
+            if entry.path == relative_path:
+                return entry
+        return None
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = names.temp_path(self.path, secrets.token_hex(4))
+        payload = {"format": 1, "entries": [asdict(entry) for entry in self.entries]}
+        with open(temp, "x", encoding="utf-8") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, self.path)
+        fsync_dir(self.path.parent)

@@ -1,0 +1,88 @@
+"""Transformations of a loaded snapshot: pure functions, no I/O, gathered in one place.
+
+Each transformation takes a snapshot dict and returns a new one plus a description of
+what it changed, leaving its input untouched; tensors are shared, never copied. To add
+one: write a function here, say in its docstring which DeepLabCut version or training
+setup produced the problem, and give it unit tests on a dict built in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dlc_snapshot_fix import keys
+
+
+class SnapshotFormatError(ValueError):
+    """The snapshot dict is not shaped like a DeepLabCut snapshot; nothing is changed."""
+
+
+@dataclass(frozen=True)
+class StrippedEntry:
+    """Wrapper prefixes removed from one state dict of a snapshot (``model``, ``pose`` or ``detector``)."""
+
+    entry: str
+    prefixes: tuple[str, ...]
+    key_count: int
+
+
+def state_dict_of(snapshot: Mapping[str, Any], entry: str) -> Mapping[str, Any]:
+    """The state dict under ``entry``, checked to be a mapping of names to tensors."""
+    state_dict = snapshot[entry]
+    if not isinstance(state_dict, Mapping):
+        raise SnapshotFormatError(
+            f"{entry!r} is a {type(state_dict).__name__}, not a state dict (a mapping of names to tensors)"
+        )
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise SnapshotFormatError(
+            f"{entry!r} holds {len(not_tensors)} values that are not tensors (first: {not_tensors[0]!r})"
+        )
+    bad_names = [k for k in state_dict if not isinstance(k, str)]
+    if bad_names:
+        raise SnapshotFormatError(f"{entry!r} has keys that are not strings (first: {bad_names[0]!r})")
+    return state_dict
+
+
+def present_entries(snapshot: Mapping[str, Any], entries: tuple[str, ...]) -> list[str]:
+    """Which of ``entries`` the snapshot has; at least one must be there."""
+    present = [entry for entry in entries if snapshot.get(entry) is not None]
+    if not present:
+        wanted = " or ".join(repr(e) for e in entries)
+        found = ", ".join(repr(k) for k in snapshot) or "nothing"
+        raise SnapshotFormatError(f"no {wanted} entry (it holds {found})")
+    return present
+
+
+def strip_wrapper_prefixes(
+    snapshot: Mapping[str, Any], entries: tuple[str, ...] = ("model",)
+) -> tuple[dict[str, Any], list[StrippedEntry]]:
+    """Remove ``module.`` / ``_orig_mod.`` wrapper prefixes from the snapshot's state dicts.
+
+    Needed for snapshots saved from a ``torch.nn.DataParallel``-wrapped model
+    (DeepLabCut up to 3.0.0rc5 with several ``runner.gpus``; fixed in rc6 by saving
+    ``model.module``) and for any custom DataParallel, DDP or ``torch.compile``
+    training script. DeepLabCut 3.0.2 still loads ``snapshot["model"]`` strictly.
+    Every other entry (``metadata``, ``optimizer``, ``scheduler``, ``config``, ...) is
+    kept as it is: optimizer and scheduler state index parameters by position, not name.
+    """
+    result = dict(snapshot)
+    stripped: list[StrippedEntry] = []
+    for entry in present_entries(snapshot, entries):
+        state_dict = state_dict_of(snapshot, entry)
+        partial = keys.partially_prefixed(state_dict)
+        if partial and not keys.find_wrapper_prefixes(state_dict):
+            prefix, count = next(iter(partial.items()))
+            raise SnapshotFormatError(
+                f"{entry!r}: {count} of {len(state_dict)} keys start with {prefix!r} and the rest do not; "
+                "a wrapper prefixes every key, so this state dict was edited by hand and is left as it is"
+            )
+        new_state_dict, prefixes = keys.strip_wrapper_prefixes(state_dict)
+        if prefixes:
+            result[entry] = new_state_dict
+            stripped.append(StrippedEntry(entry, prefixes, len(new_state_dict)))
+    return result, stripped

@@ -1,0 +1,160 @@
+"""Prove a result: the file reads back as intended, and it loads into its DeepLabCut model.
+
+``compare_snapshots`` and ``compare_to_model`` are pure; ``ModelChecker`` builds the
+model a ``pytorch_config.yaml`` describes with the real DeepLabCut (as its inference
+does, with no weight download) and is skipped, saying so, where DeepLabCut is absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from dlc_snapshot_fix import keys
+from dlc_snapshot_fix.discover import SnapshotFile, read_yaml
+
+
+def tensors_bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (unlike ``torch.equal``, NaN equals an identical NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
+    return torch.equal(flat_a, flat_b)
+
+
+def compare_snapshots(expected: Any, actual: Any, where: str = "snapshot") -> list[str]:
+    """Every difference between two loaded snapshots: keys, order, ``_metadata``, tensor bits."""
+    if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
+        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)):
+            return [f"{where}: tensor expected on one side only"]
+        return [] if tensors_bit_identical(expected, actual) else [f"{where}: tensor differs"]
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        if list(expected) != list(actual):
+            return [f"{where}: keys differ"]
+        problems = []
+        if getattr(expected, "_metadata", None) != getattr(actual, "_metadata", None):
+            problems.append(f"{where}: _metadata differs")
+        for key in expected:
+            problems += compare_snapshots(expected[key], actual[key], f"{where}[{key!r}]")
+        return problems
+    if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
+        if len(expected) != len(actual):
+            return [f"{where}: length differs"]
+        problems = []
+        for index, (a, b) in enumerate(zip(expected, actual, strict=True)):
+            problems += compare_snapshots(a, b, f"{where}[{index}]")
+        return problems
+    return [] if expected == actual or (expected != expected and actual != actual) else [f"{where}: value differs"]
+
+
+CheckStatus = Literal["ok", "mismatch", "skipped"]
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """How a state dict fits the model it belongs to, in fvcore's terms."""
+
+    status: CheckStatus
+    reason: str = ""
+    missing: dict[str, int] = field(default_factory=dict)
+    unexpected: dict[str, int] = field(default_factory=dict)
+    shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    """``(key, shape in snapshot, shape in model)``."""
+
+    def summary(self) -> str:
+        if self.status != "mismatch":
+            return self.reason
+        parts = []
+        for label, groups in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if groups:
+                listed = ", ".join(f"{module}: {count}" for module, count in groups.items())
+                parts.append(f"{label} keys ({listed})")
+        if self.shape_mismatches:
+            listed = ", ".join(f"{k} {list(s)} vs model {list(m)}" for k, s, m in self.shape_mismatches[:3])
+            more = len(self.shape_mismatches) - 3
+            parts.append(f"shape mismatches ({listed}{f', +{more} more' if more > 0 else ''})")
+        return "; ".join(parts)
+
+
+def compare_to_model(model_shapes: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]) -> ModelCheck:
+    """What a strict ``load_state_dict`` would complain about, grouped by module."""
+    missing = [k for k in model_shapes if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_shapes]
+    mismatched = [
+        (k, tuple(state_dict[k].shape), tuple(shape))
+        for k, shape in model_shapes.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return ModelCheck("ok", "loads strictly into its DeepLabCut model")
+    return ModelCheck(
+        "mismatch",
+        missing=keys.group_by_module(missing),
+        unexpected=keys.group_by_module(unexpected),
+        shape_mismatches=mismatched,
+    )
+
+
+def deeplabcut_available() -> bool:
+    return importlib.util.find_spec("deeplabcut") is not None
+
+
+class ModelChecker:
+    """Builds each DeepLabCut model once and checks state dicts against it."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def check(self, snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str) -> ModelCheck:
+        if not self.enabled:
+            return ModelCheck("skipped", "model check not requested")
+        if not deeplabcut_available():
+            return ModelCheck("skipped", "deeplabcut is not installed; model check skipped")
+        if entry == "detector" or snapshot_file.role == "detector":
+            return ModelCheck(
+                "skipped",
+                "detector not checked: building torchvision's detector downloads backbone weights",
+            )
+        model_config, source = self._pose_model_config(snapshot_file, snapshot)
+        if model_config is None:
+            return ModelCheck("skipped", source)
+        try:
+            model = self._model(source, model_config)
+        except Exception as error:  # DeepLabCut's builders raise many types for a bad config
+            return ModelCheck("skipped", f"could not build the model from {source}: {error}")
+        state_dict = snapshot[entry]
+        result = compare_to_model({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
+        if result.status == "ok":
+            model.load_state_dict(state_dict, strict=True)  # the real thing, as DeepLabCut calls it
+        return result
+
+    @staticmethod
+    def _pose_model_config(snapshot_file: SnapshotFile, snapshot: Mapping[str, Any]) -> tuple[dict | None, str]:
+        if snapshot_file.role == "exported":
+            config = snapshot.get("config")
+            if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping):
+                return dict(config["model"]), f"{snapshot_file.path}#config"
+            return None, "exported file has no model config; model check skipped"
+        if snapshot_file.pytorch_config is None:
+            return None, "no readable pytorch_config.yaml beside it; model check skipped"
+        config = read_yaml(snapshot_file.pytorch_config)
+        if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
+            return None, f"{snapshot_file.pytorch_config} has no 'model' section; model check skipped"
+        return dict(config["model"]), str(snapshot_file.pytorch_config)
+
+    def _model(self, source: str, model_config: dict) -> torch.nn.Module:
+        if source not in self._models:
+            from deeplabcut.pose_estimation_pytorch.models import PoseModel
+
+            self._models[source] = PoseModel.build(copy.deepcopy(model_config), pretrained_backbone=False)
+        return self._models[source]

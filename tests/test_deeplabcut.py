@@ -1,0 +1,122 @@
+"""The acceptance path, with the real DeepLabCut 3.0.2 on a copy of sample_project.
+
+Real project → one epoch of real training from a random-init snapshot → the trained
+snapshots turned into what a two-GPU 3.0.0rc5 run leaves (numbered and best) →
+``evaluate_network`` raises DeepLabCut's own RuntimeError → the CLI migrates →
+``evaluate_network`` succeeds → a second run changes nothing → restore gives back the
+originals → ``evaluate_network`` fails again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import deeplabcut
+
+from dlc_snapshot_fix import load_snapshot
+from dlc_snapshot_fix.testing import build_pose_model, rewrap_as_dataparallel
+
+pytestmark = pytest.mark.deeplabcut
+SAMPLE = Path(__file__).parents[1] / "sample_project"
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dlc_snapshot_fix", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def evaluate(config: Path) -> None:
+    deeplabcut.evaluate_network(str(config), Shuffles=[1])
+
+
+def snapshot_states(train_dir: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(train_dir.glob("*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots."""
+    project = tmp_path_factory.mktemp("dlc") / "sample project"
+    shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*"))
+    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    random_init = project / "random-init.pt"  # outside train/: DeepLabCut must not list it
+    torch.save({"model": build_pose_model(train_dir / "pytorch_config.yaml").state_dict()}, random_init)
+    deeplabcut.train_network(
+        str(project / "config.yaml"),
+        shuffle=1,
+        epochs=1,
+        batch_size=1,
+        device="cpu",
+        snapshot_path=str(random_init),
+    )
+    return project
+
+
+@pytest.fixture
+def multi_gpu_project(trained_project: Path, tmp_path: Path) -> Path:
+    """A fresh copy whose snapshots are what DeepLabCut 3.0.0rc5 saved after a two-GPU run."""
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project)
+    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    trained = train_dir / "snapshot-001.pt"
+    assert trained.is_file(), "DeepLabCut's training wrote no snapshot-001.pt"
+    best = train_dir / "snapshot-best-001.pt"  # what DeepLabCut names the best epoch when it has metrics
+    shutil.copyfile(trained, best)
+    model = build_pose_model(train_dir / "pytorch_config.yaml")
+    for path in (trained, best):
+        rewrap_as_dataparallel(path, model)
+    return project
+
+
+def test_migration_makes_evaluate_network_work_and_restore_undoes_it(multi_gpu_project: Path):
+    project = multi_gpu_project
+    config = project / "config.yaml"
+    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    names = sorted(p.name for p in train_dir.glob("*.pt"))
+    assert names == ["snapshot-001.pt", "snapshot-best-001.pt"]
+    assert all(k.startswith("module.") for k in load_snapshot(train_dir / "snapshot-best-001.pt")["model"])
+    originals = {name: (train_dir / name).read_bytes() for name in names}
+
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key\(s\).*Unexpected key\(s\).*\"module\.backbone"):
+        evaluate(config)
+
+    migrated = cli(project)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert migrated.stdout.count("loads strictly into its DeepLabCut model") == len(names)
+    assert f"summary: {len(names)} fixed" in migrated.stdout
+    assert sorted(p.name for p in train_dir.glob("*.pt")) == names  # same names: scorers unchanged
+
+    evaluate(config)
+    results = list(project.glob("evaluation-results-pytorch/iteration-0/*/*-results.csv"))
+    assert results, "evaluate_network wrote no results CSV"
+
+    before = snapshot_states(train_dir)
+    again = cli(project)
+    assert again.returncode == 0
+    assert f"summary: {len(names)} already clean" in again.stdout
+    assert snapshot_states(train_dir) == before
+
+    restored = cli("restore", project)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert {name: (train_dir / name).read_bytes() for name in names} == originals
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\)"):
+        evaluate(config)
+
+
+def test_check_mode_reports_the_real_project_without_writing(multi_gpu_project: Path):
+    train_dir = next(multi_gpu_project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    before = snapshot_states(train_dir)
+    checked = cli(multi_gpu_project, "--check")
+    assert checked.returncode == 1
+    assert "would strip 'module.'" in checked.stdout
+    assert snapshot_states(train_dir) == before

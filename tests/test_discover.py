@@ -1,0 +1,121 @@
+"""Discovery over a project tree with every kind of model folder DeepLabCut makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlc_snapshot_fix import ProjectError, discover_project
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def write_yaml(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    write_yaml(root / "config.yaml", {"Task": "t", "project_path": str(root), "iteration": 1})
+    shuffle1 = root / "dlc-models-pytorch/iteration-0/tNov22-trainset95shuffle1/train"
+    shuffle2 = root / "dlc-models-pytorch/iteration-1/tNov22-trainset80shuffle2/train"
+    prefixed = root / "experiments/run-a/dlc-models-pytorch/iteration-0/tNov22-trainset95shuffle1/train"
+    custom = root / "dlc-models-pytorch/iteration-1/tNov22-trainset80shuffle3/train"
+    for folder in (shuffle1, shuffle2, prefixed):
+        write_yaml(folder / "pytorch_config.yaml", {"method": "bu"})
+    write_yaml(
+        custom / "pytorch_config.yaml",
+        {"method": "td", "runner": {"snapshot_prefix": "rtm"}, "detector": {"runner": {"snapshot_prefix": "det"}}},
+    )
+    for path in (
+        shuffle1 / "snapshot-010.pt",
+        shuffle1 / "snapshot-best-020.pt",
+        shuffle1 / "snapshot-best.pt",  # legacy, 3.0.0rc5 and older
+        shuffle1 / "notes.pt",  # not DeepLabCut's
+        shuffle1 / ".snapshot-010.pt.abcd.tmp",  # a temp file of ours
+        shuffle2 / "snapshot-005.pt",
+        shuffle2 / "snapshot-detector-005.pt",
+        shuffle2 / "snapshot-detector-best-007.pt",
+        custom / "rtm-001.pt",
+        custom / "det-best-002.pt",
+        prefixed / "snapshot-100.pt",
+        root / "exported-models-pytorch/DLC_t_resnet50_iteration-0_shuffle-1/DLC_t_resnet50_snapshot-020.pt",
+        root / "dlc-models/iteration-0/tNov22-trainset95shuffle1/train/snapshot-1000.index",
+    ):
+        touch(path)
+    (shuffle2 / "snapshot-999.pt").mkdir()  # a folder named like a snapshot
+    (shuffle2 / "snapshot-998.pt").symlink_to(shuffle2 / "snapshot-005.pt")
+    return root
+
+
+def test_finds_every_snapshot_with_its_role_and_config(tree: Path):
+    inventory = discover_project(tree)
+    found = {str(s.path.relative_to(tree)): s for s in inventory.snapshots}
+    roles = {
+        name.split("/train/")[-1] if "/train/" in name else name.split("/")[-1]: s.role for name, s in found.items()
+    }
+    assert roles == {
+        "snapshot-010.pt": "pose",
+        "snapshot-best-020.pt": "pose",
+        "snapshot-best.pt": "pose",
+        "snapshot-005.pt": "pose",
+        "snapshot-detector-005.pt": "detector",
+        "snapshot-detector-best-007.pt": "detector",
+        "rtm-001.pt": "pose",
+        "det-best-002.pt": "detector",
+        "snapshot-100.pt": "pose",
+        "DLC_t_resnet50_snapshot-020.pt": "exported",
+    }
+    model_prefixed = found[
+        "experiments/run-a/dlc-models-pytorch/iteration-0/tNov22-trainset95shuffle1/train/snapshot-100.pt"
+    ]
+    assert model_prefixed.pytorch_config == model_prefixed.path.parent / "pytorch_config.yaml"
+    exported = next(s for s in inventory.snapshots if s.role == "exported")
+    assert exported.state_dict_entries == ("pose", "detector")
+    assert exported.pytorch_config is None
+
+
+def test_reports_what_it_passes_over(tree: Path):
+    skipped = {s.path.name: s.reason for s in discover_project(tree).skipped}
+    assert "TensorFlow" in skipped["tNov22-trainset95shuffle1"]
+    assert "not named like a DeepLabCut snapshot" in skipped["notes.pt"]
+    assert "not a regular file" in skipped["snapshot-999.pt"]
+    assert "symbolic link" in skipped["snapshot-998.pt"]
+    assert ".snapshot-010.pt.abcd.tmp" not in skipped
+
+
+def test_accepts_the_config_file_and_reads_without_writing(tree: Path):
+    before = {p: p.stat().st_mtime_ns for p in tree.rglob("*.yaml")}
+    assert discover_project(tree / "config.yaml").project == tree
+    assert {p: p.stat().st_mtime_ns for p in tree.rglob("*.yaml")} == before
+
+
+def test_project_path_elsewhere_is_a_warning_not_an_error(tree: Path):
+    write_yaml(tree / "config.yaml", {"Task": "t", "project_path": "/somewhere/else"})
+    inventory = discover_project(tree)
+    assert any("/somewhere/else" in w for w in inventory.warnings)
+    assert inventory.snapshots
+
+
+def test_missing_or_malformed_config_is_a_clear_error(tmp_path: Path, tree: Path):
+    with pytest.raises(ProjectError, match=r"no config\.yaml"):
+        discover_project(tmp_path / "nothing-here")
+    (tree / "config.yaml").write_text("Task: [unclosed\n")
+    with pytest.raises(ProjectError, match="not valid YAML"):
+        discover_project(tree)
+
+
+def test_malformed_pytorch_config_falls_back_to_default_names(tree: Path):
+    config = tree / "dlc-models-pytorch/iteration-0/tNov22-trainset95shuffle1/train/pytorch_config.yaml"
+    config.write_text("runner: {snapshot_prefix: [\n")
+    inventory = discover_project(tree)
+    assert any(str(config) in w for w in inventory.warnings)
+    assert any(s.path.name == "snapshot-010.pt" and s.pytorch_config is None for s in inventory.snapshots)

@@ -12,6 +12,7 @@ from dlc_snapshot_fix import __version__
 from dlc_snapshot_fix.discover import ProjectError
 from dlc_snapshot_fix.migrate import ProjectBusyError, migrate_project, restore_project
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
+from dlc_snapshot_fix.store import ManifestError
 
 
 class DefaultToMigrate(click.Group):
@@ -39,7 +40,7 @@ def _emit(report: ProjectReport, json_path: str | None, quiet: bool) -> None:
 def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> None:
     try:
         report = action()
-    except (ProjectError, ProjectBusyError) as error:
+    except (ProjectError, ProjectBusyError, ManifestError) as error:
         click.secho(f"error: {error}", fg="red", err=True)
         sys.exit(ExitCode.USAGE)
     _emit(report, json_path, quiet)

@@ -164,7 +164,10 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         result.status = Status.FAILED
         result.reason = f"could not write ({error.strerror or error}); the snapshot is unchanged"
         return
-    differences = compare_snapshots(fixed, load_snapshot(path))
+    try:
+        differences = compare_snapshots(fixed, load_snapshot(path))
+    except SnapshotReadError as error:
+        differences = [f"the new file does not read back: {error.problem}"]
     if differences:
         store.put_back(backup, path)
         entry.state = "restored"

@@ -149,6 +149,10 @@ class ManifestEntry:
     """``pending`` (backup kept, rewrite not yet confirmed), ``done`` or ``restored``."""
 
 
+class ManifestError(RuntimeError):
+    """The project's manifest cannot be read; no snapshot is touched until it is repaired."""
+
+
 class Manifest:
     """The project's record of rewrites, ``.dlc-snapshot-fix/manifest.json``, saved atomically."""
 
@@ -157,8 +161,14 @@ class Manifest:
         self.path = names.manifest_path(project)
         self.entries: list[ManifestEntry] = []
         if self.path.exists():
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self.entries = [ManifestEntry(**entry) for entry in data.get("entries", [])]
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                self.entries = [ManifestEntry(**entry) for entry in data["entries"]]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ManifestError(
+                    f"{self.path}: unreadable ({error}). Nothing was changed; the backups next to it are "
+                    "intact. Repair or move the manifest away, then run again"
+                ) from error
 
     def add(self, snapshot: Path, backup: Path, sha256_before: str, backup_method: str, change: str) -> ManifestEntry:
         entry = ManifestEntry(

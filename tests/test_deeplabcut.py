@@ -9,6 +9,7 @@ originals → ``evaluate_network`` fails again.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,3 +121,28 @@ def test_check_mode_reports_the_real_project_without_writing(multi_gpu_project: 
     assert checked.returncode == 1
     assert "would strip 'module.'" in checked.stdout
     assert snapshot_states(train_dir) == before
+
+
+def test_a_head_of_the_wrong_shape_is_explained_by_module(multi_gpu_project: Path):
+    """Item 6 of the core issue: the model check names what does not fit, grouped by module."""
+    train_dir = next(multi_gpu_project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    path = train_dir / "snapshot-001.pt"
+    snapshot = load_snapshot(path)
+    model_sd = dict(snapshot["model"])
+    head_keys = [k for k in model_sd if k.startswith("module.heads.bodypart.heatmap_head")]
+    for key in head_keys:  # a head trained for one more bodypart
+        tensor = model_sd[key]
+        model_sd[key] = torch.cat([tensor, tensor[:1]]) if tensor.ndim and tensor.shape[0] == 2 else tensor
+    partial = path.with_name("partial")  # never truncate a file that is memory-mapped (SIGBUS)
+    torch.save({**snapshot, "model": model_sd}, partial)
+    os.replace(partial, path)
+
+    migrated = cli(multi_gpu_project, "--json", "-")
+    assert migrated.returncode == 3
+    report = json.loads(migrated.stdout)
+    by_name = {Path(s["path"]).name: s for s in report["snapshots"]}
+    check = by_name["snapshot-001.pt"]["model_check"]["model"]
+    assert check["status"] == "mismatch"
+    assert any(m["key"].startswith("heads.bodypart.heatmap_head") for m in check["shape_mismatches"])
+    assert by_name["snapshot-001.pt"]["status"] == "fixed"  # the prefix was still worth removing
+    assert by_name["snapshot-best-001.pt"]["model_check"]["model"]["status"] == "ok"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TRAIN, TinyPose, save_snapshot, wrapped_state_dict
+from test_reading import RunsCode
 
 from dlc_snapshot_fix import ProjectBusyError, Status, load_snapshot, migrate_project, names
 from dlc_snapshot_fix.cli import main
@@ -131,7 +132,9 @@ def test_bad_snapshots_fail_alone_and_stay_untouched(project: Path, snapshots: d
     damaged.write_bytes(snapshots["dp"].read_bytes()[:3000])
     no_model = save_snapshot(train / "snapshot-008.pt", None)
     half = save_snapshot(train / "snapshot-009.pt", {"module.a": torch.ones(1), "b": torch.ones(1)})
-    bad = {p: p.read_bytes() for p in (damaged, no_model, half)}
+    canary = project.parent / "canary"
+    hostile = save_snapshot(train / "snapshot-011.pt", wrapped_state_dict(TinyPose(), "dp"), extra=RunsCode(canary))
+    bad = {p: p.read_bytes() for p in (damaged, no_model, half, hostile)}
 
     result = run(project, "--json", project.parent / "report.json")
     assert result.exit_code == 3
@@ -140,6 +143,8 @@ def test_bad_snapshots_fail_alone_and_stay_untouched(project: Path, snapshots: d
     assert by_name["snapshot-007.pt"]["status"] == "failed" and "damaged" in by_name["snapshot-007.pt"]["reason"]
     assert "no 'model'" in by_name["snapshot-008.pt"]["reason"]
     assert "1 of 2 keys start with 'module.'" in by_name["snapshot-009.pt"]["reason"]
+    assert "refused" in by_name["snapshot-011.pt"]["reason"] and "system" in by_name["snapshot-011.pt"]["reason"]
+    assert not canary.exists()
     assert by_name["snapshot-005.pt"]["status"] == "fixed"
     assert {p: p.read_bytes() for p in bad} == bad
     assert "snapshot-007.pt" in result.output and "restore it from a backup" in result.output
@@ -170,3 +175,13 @@ def test_console_script_is_installed(project: Path, snapshots: dict[str, Path]):
     completed = subprocess.run([script, "--check", "-q", project], capture_output=True, text=True, check=False)
     assert completed.returncode == 1, completed.stderr
     assert "4 needs fix" in completed.stdout
+
+
+def test_an_unreadable_manifest_stops_the_run_before_any_write(project: Path, snapshots: dict[str, Path]):
+    names.tool_dir(project).mkdir()
+    names.manifest_path(project).write_text("{not json")
+    before = snapshots["dp"].read_bytes()
+    result = CliRunner().invoke(main, [str(project)])
+    assert result.exit_code == 2
+    assert "manifest.json: unreadable" in result.output
+    assert snapshots["dp"].read_bytes() == before

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dlc_snapshot_fix import __version__
+from dlc_snapshot_fix import __version__, autoload
 from dlc_snapshot_fix.discover import ProjectError
 from dlc_snapshot_fix.migrate import ProjectBusyError, migrate_project, restore_project
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
@@ -94,3 +94,34 @@ def migrate(
 def restore(project: Path, json_path: str | None, quiet: bool) -> None:
     """Put back the original bytes of every snapshot this tool rewrote in PROJECT."""
     _run(lambda: restore_project(project), json_path, quiet)
+
+
+@main.group()
+def plugin() -> None:
+    """Turn the DeepLabCut plugin on or off for every Python process of this environment.
+
+    \b
+    In a script you can edit, prefer:
+        from dlc_snapshot_fix import plugin; plugin.install()
+    """
+
+
+@plugin.command()
+def enable() -> None:
+    """Load prefixed snapshots in every DeepLabCut run of this environment (writes a .pth file)."""
+    path = autoload.enable()
+    click.echo(f"enabled: {path}\nundo with: dlc-snapshot-fix plugin disable")
+
+
+@plugin.command()
+def disable() -> None:
+    """Remove the .pth file that `enable` wrote."""
+    path = autoload.disable()
+    click.echo(f"disabled: removed {path}" if path else f"already disabled: no {autoload.pth_path()}")
+
+
+@plugin.command()
+def status() -> None:
+    """Say whether the plugin is enabled for this environment."""
+    state = "enabled" if autoload.is_enabled() else "disabled"
+    click.echo(f"{state} ({autoload.pth_path()})")

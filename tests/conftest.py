@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -10,6 +12,10 @@ import torch
 import yaml
 
 TRAIN = "dlc-models-pytorch/iteration-0/testNov22-trainset80shuffle1/train"
+SAMPLE = Path(__file__).parents[1] / "sample_project"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # DeepLabCut must never wait for a hub here
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 class TinyPose(torch.nn.Module):
@@ -49,3 +55,48 @@ def project(tmp_path: Path) -> Path:
     )
     (root / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu", "net_type": "tiny"}))
     return root
+
+
+def train_dir_of(project: Path) -> Path:
+    return next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots."""
+    import deeplabcut
+
+    from dlc_snapshot_fix.testing import build_pose_model
+
+    project = tmp_path_factory.mktemp("dlc") / "sample project"
+    shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*"))
+    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    random_init = project / "random-init.pt"  # outside train/: DeepLabCut must not list it
+    torch.save({"model": build_pose_model(train_dir / "pytorch_config.yaml").state_dict()}, random_init)
+    deeplabcut.train_network(
+        str(project / "config.yaml"),
+        shuffle=1,
+        epochs=1,
+        batch_size=1,
+        device="cpu",
+        snapshot_path=str(random_init),
+    )
+    return project
+
+
+@pytest.fixture
+def multi_gpu_project(trained_project: Path, tmp_path: Path) -> Path:
+    """A fresh copy whose snapshots are what DeepLabCut 3.0.0rc5 saved after a two-GPU run."""
+    from dlc_snapshot_fix.testing import build_pose_model, rewrap_as_dataparallel
+
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project)
+    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
+    trained = train_dir / "snapshot-001.pt"
+    assert trained.is_file(), "DeepLabCut's training wrote no snapshot-001.pt"
+    best = train_dir / "snapshot-best-001.pt"  # what DeepLabCut names the best epoch when it has metrics
+    shutil.copyfile(trained, best)
+    model = build_pose_model(train_dir / "pytorch_config.yaml")
+    for path in (trained, best):
+        rewrap_as_dataparallel(path, model)
+    return project

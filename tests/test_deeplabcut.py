@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import deeplabcut
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
-
-import deeplabcut
-
 from dlc_snapshot_fix import load_snapshot
-from dlc_snapshot_fix.testing import build_pose_model, rewrap_as_dataparallel
 
 pytestmark = pytest.mark.deeplabcut
-SAMPLE = Path(__file__).parents[1] / "sample_project"
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:
@@ -42,41 +35,6 @@ def evaluate(config: Path) -> None:
 
 def snapshot_states(train_dir: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(train_dir.glob("*.pt"))}
-
-
-@pytest.fixture(scope="module")
-def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots."""
-    project = tmp_path_factory.mktemp("dlc") / "sample project"
-    shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*"))
-    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
-    random_init = project / "random-init.pt"  # outside train/: DeepLabCut must not list it
-    torch.save({"model": build_pose_model(train_dir / "pytorch_config.yaml").state_dict()}, random_init)
-    deeplabcut.train_network(
-        str(project / "config.yaml"),
-        shuffle=1,
-        epochs=1,
-        batch_size=1,
-        device="cpu",
-        snapshot_path=str(random_init),
-    )
-    return project
-
-
-@pytest.fixture
-def multi_gpu_project(trained_project: Path, tmp_path: Path) -> Path:
-    """A fresh copy whose snapshots are what DeepLabCut 3.0.0rc5 saved after a two-GPU run."""
-    project = tmp_path / "project"
-    shutil.copytree(trained_project, project)
-    train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
-    trained = train_dir / "snapshot-001.pt"
-    assert trained.is_file(), "DeepLabCut's training wrote no snapshot-001.pt"
-    best = train_dir / "snapshot-best-001.pt"  # what DeepLabCut names the best epoch when it has metrics
-    shutil.copyfile(trained, best)
-    model = build_pose_model(train_dir / "pytorch_config.yaml")
-    for path in (trained, best):
-        rewrap_as_dataparallel(path, model)
-    return project
 
 
 def test_migration_makes_evaluate_network_work_and_restore_undoes_it(multi_gpu_project: Path):

@@ -145,6 +145,27 @@ def test_weight_init_from_a_prefixed_snapshot(prefixed):
         assert_clean_snapshots_written(train_dir)
 
 
+def test_detector_weight_init_from_a_prefixed_snapshot(tmp_path: Path):
+    """SSDLite: the one DeepLabCut detector that builds here without downloading weights."""
+    from deeplabcut.core.weight_init import WeightInitialization
+    from deeplabcut.pose_estimation_pytorch.models.detectors import DETECTORS
+
+    config = {"type": "SSDLite", "pretrained_from_imagenet": False}
+    detector = DETECTORS.build(dict(config), pretrained=False)
+    path = tmp_path / "snapshot-detector-best-010.pt"
+    torch.save({"metadata": {"epoch": 10}, "model": torch.nn.DataParallel(detector).state_dict()}, path)
+    before = path.read_bytes()
+    weight_init = WeightInitialization(detector_snapshot_path=path)
+
+    with pytest.raises(RuntimeError, match=PREFIX_ERROR):
+        DETECTORS.build(dict(config), weight_init=weight_init, pretrained=False)
+    with plugin.enabled(), pytest.warns(plugin.PrefixedSnapshotWarning):
+        loaded = DETECTORS.build(dict(config), weight_init=weight_init, pretrained=False)
+    for key, tensor in detector.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor)
+    assert path.read_bytes() == before
+
+
 def test_export_model_writes_a_clean_exported_file(prefixed):
     project, config, train_dir, _ = prefixed
     deeplabcut.export_model(str(config), shuffle=1, make_tar=False)

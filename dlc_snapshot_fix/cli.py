@@ -72,15 +72,28 @@ def main() -> None:
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if any snapshot needs migrating.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; show what would change.")
 @click.option("--no-model-check", is_flag=True, help="Skip loading each state dict into its DeepLabCut model.")
+@click.option(
+    "--trust",
+    is_flag=True,
+    help="Unpickle without the allow-list, for this run only. Can run code from the files: only for your own.",
+)
 @JSON_OPTION
 @QUIET_OPTION
 def migrate(
-    project: Path, check: bool, dry_run: bool, no_model_check: bool, json_path: str | None, quiet: bool
+    project: Path, check: bool, dry_run: bool, no_model_check: bool, trust: bool, json_path: str | None, quiet: bool
 ) -> None:
     """Back up, fix in place and verify every snapshot of PROJECT (a folder or its config.yaml)."""
     write = not (check or dry_run)
+    if trust:
+        click.secho(
+            "WARNING: --trust loads every snapshot with full unpickling: a malicious file can run code "
+            "on this machine. Use it only for snapshots you or your lab made.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
     _run(
-        lambda: migrate_project(project, write=write, check_model=not no_model_check),
+        lambda: migrate_project(project, write=write, check_model=not no_model_check, trust=trust),
         json_path,
         quiet,
         check=check,

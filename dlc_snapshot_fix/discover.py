@@ -48,6 +48,8 @@ class SnapshotFile:
 class SkippedPath:
     path: Path
     reason: str
+    problem: bool = False
+    """Whether DeepLabCut will trip over it (the run then exits non-zero), not just a file we leave alone."""
 
 
 @dataclass
@@ -59,6 +61,8 @@ class ProjectInventory:
     snapshots: list[SnapshotFile] = field(default_factory=list)
     skipped: list[SkippedPath] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    model_folders: list[Path] = field(default_factory=list)
+    """Folders that hold snapshots (``train/`` and exported-model folders): where temp files may be left."""
 
 
 def read_yaml(path: Path) -> Any:
@@ -151,6 +155,7 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
         except ProjectError as error:
             inventory.warnings.append(f"{error} Snapshots here use DeepLabCut's default names.")
             config_file_or_none = None
+    inventory.model_folders.append(train_dir)
     pose_prefixes, detector_prefixes = _snapshot_prefixes(model_config)
     legacy_names = {names.legacy_best_name(p) for p in pose_prefixes | detector_prefixes}
 
@@ -170,9 +175,13 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
             continue
         else:
             continue
-        if entry.is_symlink() or not entry.is_file():
-            kind = "a symbolic link" if entry.is_symlink() else "not a regular file"
-            inventory.skipped.append(SkippedPath(entry, f"named like a snapshot but {kind}; left alone"))
+        if entry.is_symlink():
+            reason = f"a symbolic link to {os.readlink(entry)}; left alone (migrate the file it points to)"
+            inventory.skipped.append(SkippedPath(entry, reason))
+            continue
+        if not entry.is_file():
+            reason = "named like a snapshot but not a file: DeepLabCut will try to load it and fail. Rename it"
+            inventory.skipped.append(SkippedPath(entry, reason, problem=True))
             continue
         inventory.snapshots.append(SnapshotFile(entry, role, config_file_or_none))
 
@@ -180,6 +189,7 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
 def _discover_exported(exported_dir: Path, inventory: ProjectInventory) -> None:
     if not exported_dir.is_dir():
         return
+    inventory.model_folders.extend(sorted(p for p in exported_dir.iterdir() if p.is_dir() and not p.is_symlink()))
     for entry in sorted(exported_dir.glob("*/*.pt")):
         if entry.is_file() and not entry.is_symlink():
             inventory.snapshots.append(SnapshotFile(entry, "exported", None))

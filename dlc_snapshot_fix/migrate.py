@@ -16,7 +16,7 @@ import filelock
 
 from dlc_snapshot_fix import names, store, transforms
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
-from dlc_snapshot_fix.reading import SnapshotReadError, load_snapshot
+from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
 from dlc_snapshot_fix.verify import ModelChecker, compare_snapshots
 
@@ -33,6 +33,7 @@ def migrate_project(
     *,
     write: bool = True,
     check_model: bool = True,
+    trust: bool = False,
     on_result: Callable[[SnapshotResult], None] | None = None,
 ) -> ProjectReport:
     """Strip wrapper prefixes from every snapshot of the project at ``path``.
@@ -40,15 +41,16 @@ def migrate_project(
     With ``write=False`` nothing is written (no lock, no manifest, no backup) and
     snapshots that need work are reported as ``needs fix``. With ``check_model`` each
     state dict is checked against the model its ``pytorch_config.yaml`` describes,
-    when deeplabcut is installed.
+    when deeplabcut is installed. ``trust=True`` unpickles without the allow-list
+    (only for files the user vouches for: it can run code).
     """
     inventory = discover_project(path)
     report = _new_report(inventory, "migrate" if write else "check")
     checker = ModelChecker(enabled=check_model)
     with contextlib.ExitStack() as cleanup:
-        writer = _ProjectWriter(inventory.project, cleanup) if write else None
+        writer = _ProjectWriter(inventory, report, cleanup) if write else None
         for snapshot_file in inventory.snapshots:
-            _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker), on_result)
+            _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, trust), on_result)
     return report
 
 
@@ -58,16 +60,25 @@ class _ProjectWriter:
     Lazily, so that a run with nothing to do writes nothing at all (not even a lock file).
     """
 
-    def __init__(self, project: Path, cleanup: contextlib.ExitStack):
-        self.project = project
+    def __init__(self, inventory: ProjectInventory, report: ProjectReport, cleanup: contextlib.ExitStack):
+        self.inventory = inventory
+        self.report = report
         self._cleanup = cleanup
         self._manifest: store.Manifest | None = None
 
     def manifest(self) -> store.Manifest:
         if self._manifest is None:
-            self._cleanup.enter_context(_project_lock(self.project))
-            self._manifest = store.Manifest(self.project)
+            project = self.inventory.project
+            self._cleanup.enter_context(_project_lock(project))
+            self._manifest = store.Manifest(project)
+            folders = [*self.inventory.model_folders, *_folders_below(names.tool_dir(project))]
+            if removed := store.remove_stale_temps(folders):
+                self.report.warnings.append(f"removed {removed} temp file(s) left by an interrupted run")
         return self._manifest
+
+
+def _folders_below(root: Path) -> list[Path]:
+    return [root, *(p for p in root.rglob("*") if p.is_dir())] if root.is_dir() else []
 
 
 def restore_project(path: Path, *, on_result: Callable[[SnapshotResult], None] | None = None) -> ProjectReport:
@@ -119,17 +130,18 @@ def _migrate_one(
     project: Path,
     writer: _ProjectWriter | None,
     checker: ModelChecker,
+    trust: bool,
 ) -> SnapshotResult:
     started = time.perf_counter()
     path = snapshot_file.path
     result = SnapshotResult(path=path, role=snapshot_file.role, status=Status.CLEAN)
     try:
         result.size = path.stat().st_size
-        fixed, result.stripped = _inspect(snapshot_file)
+        fixed, result.stripped = _inspect(snapshot_file, trust)
         if result.stripped and writer is not None:
             manifest = writer.manifest()
             # read again under the lock: another run may have rewritten it since
-            fixed, result.stripped = _inspect(snapshot_file)
+            fixed, result.stripped = _inspect(snapshot_file, trust)
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
         result.status = Status.FAILED
         result.reason = _failure_reason(error)
@@ -140,16 +152,17 @@ def _migrate_one(
     if result.stripped:
         result.status = Status.NEEDS_FIX
         if writer is not None:
-            _rewrite(result, project, manifest, fixed)
+            _rewrite(result, project, manifest, fixed, trust)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _inspect(snapshot_file: SnapshotFile) -> tuple[dict, list[transforms.StrippedEntry]]:
-    return transforms.strip_wrapper_prefixes(load_snapshot(snapshot_file.path), snapshot_file.state_dict_entries)
+def _inspect(snapshot_file: SnapshotFile, trust: bool) -> tuple[dict, list[transforms.StrippedEntry]]:
+    snapshot = load_snapshot(snapshot_file.path, trust=trust)
+    return transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
 
 
-def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fixed: dict) -> None:
+def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fixed: dict, trust: bool) -> None:
     """Backup, atomic replace, read-back; on a read-back difference the original goes back."""
     path = result.path
     change = "; ".join(f"{s.entry}: stripped {'+'.join(s.prefixes)}" for s in result.stripped)
@@ -159,13 +172,14 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         method = store.keep_original(path, backup, result.sha256_before)
         entry = manifest.add(path, backup, result.sha256_before, method, change)
         result.backup = backup
-        result.sha256_after = store.replace_with_snapshot(path, fixed)
+        zip_format = is_zip_snapshot(path)
+        result.sha256_after = store.replace_with_snapshot(path, fixed, zip_format=zip_format)
     except OSError as error:
         result.status = Status.FAILED
         result.reason = f"could not write ({error.strerror or error}); the snapshot is unchanged"
         return
     try:
-        differences = compare_snapshots(fixed, load_snapshot(path))
+        differences = compare_snapshots(fixed, load_snapshot(path, trust=trust))
     except SnapshotReadError as error:
         differences = [f"the new file does not read back: {error.problem}"]
     if differences:

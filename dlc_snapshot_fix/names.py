@@ -63,5 +63,15 @@ def backup_path(project: Path, snapshot: Path, sha256: str) -> Path:
 
 
 def temp_path(target: Path, token: str) -> Path:
-    """A temporary file beside ``target``: same folder (so ``os.replace`` is atomic), hidden, not ``.pt``."""
+    """A temporary file beside ``target``: same folder (so ``os.replace`` is atomic), hidden, not ``.pt``.
+
+    ``token`` is 8 hex digits, so :func:`is_temp_name` recognises leftovers of a killed run.
+    """
     return target.with_name(f".{target.name}.{token}{TEMP_SUFFIX}")
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def is_temp_name(name: str) -> bool:
+    return _TEMP_NAME.match(name) is not None

@@ -53,25 +53,41 @@ class RefusedSnapshotError(SnapshotReadError):
         super().__init__(
             path,
             f"refused: its pickle asks for {shown}, which weights-only loading does not allow",
-            "Loading it could run code. Only if you trust where it came from, load it yourself "
-            "with torch.load(weights_only=False) and save its tensors again",
+            "Loading it could run code. Only if you trust where it came from, run again with --trust",
         )
 
 
-def load_snapshot(path: Path) -> dict[str, Any]:
+class ArchiveTrickError(RefusedSnapshotError):
+    """Zip member names that make different readers see different pickles (``DATA.PKL``)."""
+
+    def __init__(self, path: Path, members: list[str], unsafe_globals: list[str]):
+        super().__init__(path, unsafe_globals)
+        self.members = members
+        asks = f"; its pickle asks for {', '.join(unsafe_globals)}" if unsafe_globals else ""
+        self.problem = (
+            f"refused: zip members {', '.join(members)} differ from torch's data.pkl only by case or "
+            f"repeat it, so a checker and torch.load could read different pickles{asks}"
+        )
+        self.advice = "Do not load it, with or without --trust; get the snapshot again from its source"
+        self.args = (f"{path}: {self.problem}. {self.advice}",)
+
+
+def load_snapshot(path: Path, *, trust: bool = False) -> dict[str, Any]:
     """Load a snapshot with weights-only unpickling; tensors are memory-mapped from the file.
 
     Memory-mapping keeps a 95 MB (or 1 GB) snapshot out of RAM: a rewrite then holds
-    at most the pages it is copying, never two copies of the snapshot.
+    at most the pages it is copying, never two copies of the snapshot. ``trust=True``
+    (the CLI's ``--trust``) unpickles without the allow-list: only for files the user
+    vouches for, since that can run code.
     """
     path = Path(path)
     _precheck(path)
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
-        _reject_torchscript(path)
+        _check_members(path)
     try:
         with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            loaded = torch.load(path, map_location="cpu", weights_only=not trust, mmap=is_zip)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         if unsafe:
@@ -90,6 +106,11 @@ def load_snapshot(path: Path) -> dict[str, Any]:
             "leave this file alone or move it out of the model folder",
         )
     return loaded
+
+
+def is_zip_snapshot(path: Path) -> bool:
+    """Whether ``path`` uses torch's zip format (the default since torch 1.6) rather than the legacy one."""
+    return zipfile.is_zipfile(path)
 
 
 _CORRUPT_ADVICE = "Copy it again from its source or restore it from a backup"
@@ -111,7 +132,8 @@ def _precheck(path: Path) -> None:
         )
 
 
-def _reject_torchscript(path: Path) -> None:
+def _check_members(path: Path) -> None:
+    """Refuse TorchScript archives and zips whose member names could mislead a reader."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.namelist()
@@ -123,6 +145,11 @@ def _reject_torchscript(path: Path) -> None:
             "a TorchScript archive (torch.jit.save), not a training snapshot",
             "DeepLabCut does not load TorchScript models as snapshots; move it out of the model folder",
         )
+    pickles = [name for name in members if name.rsplit("/", 1)[-1].lower() == "data.pkl"]
+    folded = [name.lower() for name in members]
+    if len(pickles) > 1 or any(not name.endswith("data.pkl") for name in pickles) or len(set(folded)) != len(folded):
+        tricky = sorted({name for name in members if folded.count(name.lower()) > 1} | set(pickles))
+        raise ArchiveTrickError(path, tricky, _unsafe_globals(path))
 
 
 def _unsafe_globals(path: Path) -> list[str]:

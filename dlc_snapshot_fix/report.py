@@ -91,7 +91,7 @@ class ProjectReport:
         return sum(result.status == status for result in self.results)
 
     def exit_code(self, check: bool = False) -> ExitCode:
-        if any(not result.ok for result in self.results):
+        if any(not result.ok for result in self.results) or any(s.problem for s in self.skipped):
             return ExitCode.PROBLEMS
         if check and self.count(Status.NEEDS_FIX):
             return ExitCode.NEEDS_MIGRATION
@@ -130,7 +130,7 @@ class ProjectReport:
                 }
                 for r in self.results
             ],
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "skipped": [{"path": str(s.path), "reason": s.reason, "problem": s.problem} for s in self.skipped],
             "warnings": self.warnings,
             "summary": {status.value: self.count(status) for status in Status if self.count(status)},
         }
@@ -154,7 +154,8 @@ class ProjectReport:
             if detail := result.describe():
                 lines.append((f"  {'':<14}   {detail}", None))
         for skipped in self.skipped:
-            lines.append((f"  {'skipped':<14} {self._relative(skipped.path)}: {skipped.reason}", "yellow"))
+            colour = "red" if skipped.problem else "yellow"
+            lines.append((f"  {'skipped':<14} {self._relative(skipped.path)}: {skipped.reason}", colour))
         counts = (
             ", ".join(f"{self.count(status)} {status.value}" for status in Status if self.count(status))
             or "no snapshots found"

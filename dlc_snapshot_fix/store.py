@@ -68,6 +68,7 @@ def keep_original(snapshot: Path, backup: Path, sha256: str) -> str:
     except OSError as error:
         if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
             raise
+        ensure_space(backup.parent, snapshot.stat().st_size)
         partial = names.temp_path(backup, secrets.token_hex(4))
         try:
             with open(snapshot, "rb") as source, open(partial, "xb") as target:
@@ -84,16 +85,51 @@ def keep_original(snapshot: Path, backup: Path, sha256: str) -> str:
     return method
 
 
-def replace_with_snapshot(target: Path, snapshot: dict[str, Any]) -> str:
+class NotEnoughSpaceError(OSError):
+    """Checked before writing: the file system cannot hold what the next step writes."""
+
+    def __init__(self, folder: Path, needed: int, free: int):
+        super().__init__(
+            errno.ENOSPC,
+            f"not enough space in {folder}: {needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free. "
+            "Free some space (or move the project), then run again: finished snapshots are not redone",
+        )
+
+
+def space_needed(size: int) -> int:
+    """Room to ask for before writing ``size`` bytes: the bytes plus 1% or 4 MiB of slack for the file system."""
+    return size + max(size // 100, 4 << 20)
+
+
+def ensure_space(folder: Path, size: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < space_needed(size):
+        raise NotEnoughSpaceError(folder, space_needed(size), free)
+
+
+def remove_stale_temps(folders: list[Path]) -> int:
+    """Delete temp files an interrupted run left; call only while holding the project's lock."""
+    removed = 0
+    for folder in folders:
+        for entry in folder.glob(".*" + names.TEMP_SUFFIX):
+            if names.is_temp_name(entry.name) and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def replace_with_snapshot(target: Path, snapshot: dict[str, Any], *, zip_format: bool = True) -> str:
     """Write ``snapshot`` with ``torch.save`` to a temp file beside ``target``, fsync, swap it in.
 
     Returns the new file's sha256. On any error the temp file is removed and ``target``
-    is untouched. The file's permission bits are carried over.
+    is untouched. The file's permission bits, and its format (zip or torch's legacy
+    one), are carried over.
     """
+    ensure_space(target.parent, target.stat().st_size)
     temp = names.temp_path(target, secrets.token_hex(4))
     try:
         with open(temp, "xb") as stream:
-            torch.save(snapshot, stream)
+            torch.save(snapshot, stream, _use_new_zipfile_serialization=zip_format)
             stream.flush()
             os.fsync(stream.fileno())
         with contextlib.suppress(OSError):

@@ -77,9 +77,14 @@ def strip_wrapper_prefixes(
         partial = keys.partially_prefixed(state_dict)
         if partial and not keys.find_wrapper_prefixes(state_dict):
             prefix, count = next(iter(partial.items()))
+            try:
+                keys.strip_prefix(state_dict, prefix)
+                collision = ""
+            except keys.KeyCollisionError as error:
+                collision = f"; stripping it would make keys collide ({error.collisions[0]})"
             raise SnapshotFormatError(
-                f"{entry!r}: {count} of {len(state_dict)} keys start with {prefix!r} and the rest do not; "
-                "a wrapper prefixes every key, so this state dict was edited by hand and is left as it is"
+                f"{entry!r}: {count} of {len(state_dict)} keys start with {prefix!r} and the rest do not{collision}. "
+                "A wrapper prefixes every key, so this state dict was edited or merged by hand; it is left as it is"
             )
         new_state_dict, prefixes = keys.strip_wrapper_prefixes(state_dict)
         if prefixes:

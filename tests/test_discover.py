@@ -84,12 +84,16 @@ def test_finds_every_snapshot_with_its_role_and_config(tree: Path):
 
 
 def test_reports_what_it_passes_over(tree: Path):
-    skipped = {s.path.name: s.reason for s in discover_project(tree).skipped}
+    inventory = discover_project(tree)
+    skipped = {s.path.name: s.reason for s in inventory.skipped}
+    problems = {s.path.name for s in inventory.skipped if s.problem}
     assert "TensorFlow" in skipped["tNov22-trainset95shuffle1"]
     assert "not named like a DeepLabCut snapshot" in skipped["notes.pt"]
-    assert "not a regular file" in skipped["snapshot-999.pt"]
-    assert "symbolic link" in skipped["snapshot-998.pt"]
+    assert "not a file: DeepLabCut will try to load it" in skipped["snapshot-999.pt"]
+    assert "symbolic link to" in skipped["snapshot-998.pt"]
+    assert problems == {"snapshot-999.pt"}  # only the folder would make DeepLabCut fail
     assert ".snapshot-010.pt.abcd.tmp" not in skipped
+    assert len(inventory.model_folders) == 5  # four train/ folders and one exported-model folder
 
 
 def test_accepts_the_config_file_and_reads_without_writing(tree: Path):

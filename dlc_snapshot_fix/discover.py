@@ -61,6 +61,8 @@ class ProjectInventory:
     snapshots: list[SnapshotFile] = field(default_factory=list)
     skipped: list[SkippedPath] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """Things DeepLabCut will fail on that are not snapshots (malformed YAML): reported, the run exits non-zero."""
     model_folders: list[Path] = field(default_factory=list)
     """Folders that hold snapshots (``train/`` and exported-model folders): where temp files may be left."""
 
@@ -90,11 +92,16 @@ def discover_project(path: Path) -> ProjectInventory:
     config_file = project / "config.yaml"
     if not config_file.is_file():
         raise ProjectError(f"{project}: no config.yaml here. Pass a DeepLabCut project folder or its config.yaml.")
-    config = read_yaml(config_file)
+    inventory = ProjectInventory(project=project, config={})
+    try:
+        config = read_yaml(config_file)
+    except ProjectError as error:  # the snapshots do not depend on it: report, and carry on
+        inventory.problems.append(f"{error} DeepLabCut cannot open this project until then.")
+        config = {}
     if not isinstance(config, dict):
-        raise ProjectError(f"{config_file}: not a DeepLabCut project configuration (no mapping).")
-
-    inventory = ProjectInventory(project=project, config=config)
+        inventory.problems.append(f"{config_file}: not a DeepLabCut project configuration (no mapping).")
+        config = {}
+    inventory.config = config
     recorded = config.get("project_path")
     if recorded and Path(str(recorded)) != project:
         inventory.warnings.append(
@@ -153,7 +160,7 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
             loaded = read_yaml(config_file)
             model_config = loaded if isinstance(loaded, dict) else {}
         except ProjectError as error:
-            inventory.warnings.append(f"{error} Snapshots here use DeepLabCut's default names.")
+            inventory.problems.append(f"{error} Snapshots here were looked for under DeepLabCut's default names.")
             config_file_or_none = None
     inventory.model_folders.append(train_dir)
     pose_prefixes, detector_prefixes = _snapshot_prefixes(model_config)
@@ -176,8 +183,15 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
         else:
             continue
         if entry.is_symlink():
-            reason = f"a symbolic link to {os.readlink(entry)}; left alone (migrate the file it points to)"
-            inventory.skipped.append(SkippedPath(entry, reason))
+            target = os.readlink(entry)
+            if not entry.exists():  # dangling, or a loop
+                reason = (
+                    f"a broken symbolic link (to {target}, maybe a loop): DeepLabCut will fail on it. Fix or remove it"
+                )
+                inventory.skipped.append(SkippedPath(entry, reason, problem=True))
+            else:
+                reason = f"a symbolic link to {target}; left alone (migrate the file it points to)"
+                inventory.skipped.append(SkippedPath(entry, reason))
             continue
         if not entry.is_file():
             reason = "named like a snapshot but not a file: DeepLabCut will try to load it and fail. Rename it"

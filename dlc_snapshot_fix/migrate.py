@@ -102,6 +102,7 @@ def _new_report(inventory: ProjectInventory, action: str) -> ProjectReport:
         action=action,
         skipped=list(inventory.skipped),
         warnings=list(inventory.warnings),
+        problems=list(inventory.problems),
     )
 
 
@@ -167,6 +168,7 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
     path = result.path
     change = "; ".join(f"{s.entry}: stripped {'+'.join(s.prefixes)}" for s in result.stripped)
     try:
+        store.ensure_writable(path.parent)
         result.sha256_before = store.sha256_of(path)
         backup = names.backup_path(project, path, result.sha256_before)
         method = store.keep_original(path, backup, result.sha256_before)
@@ -176,7 +178,7 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         result.sha256_after = store.replace_with_snapshot(path, fixed, zip_format=zip_format)
     except OSError as error:
         result.status = Status.FAILED
-        result.reason = f"could not write ({error.strerror or error}); the snapshot is unchanged"
+        result.reason = f"could not write ({error.strerror or error}); the snapshot is unchanged. Fix that, run again"
         return
     try:
         differences = compare_snapshots(fixed, load_snapshot(path, trust=trust))

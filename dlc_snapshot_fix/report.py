@@ -86,12 +86,13 @@ class ProjectReport:
     results: list[SnapshotResult] = field(default_factory=list)
     skipped: list[SkippedPath] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
     def count(self, status: Status) -> int:
         return sum(result.status == status for result in self.results)
 
     def exit_code(self, check: bool = False) -> ExitCode:
-        if any(not result.ok for result in self.results) or any(s.problem for s in self.skipped):
+        if self.problems or any(not r.ok for r in self.results) or any(s.problem for s in self.skipped):
             return ExitCode.PROBLEMS
         if check and self.count(Status.NEEDS_FIX):
             return ExitCode.NEEDS_MIGRATION
@@ -132,6 +133,7 @@ class ProjectReport:
             ],
             "skipped": [{"path": str(s.path), "reason": s.reason, "problem": s.problem} for s in self.skipped],
             "warnings": self.warnings,
+            "problems": self.problems,
             "summary": {status.value: self.count(status) for status in Status if self.count(status)},
         }
 
@@ -147,6 +149,7 @@ class ProjectReport:
             Status.FAILED: "red",
         }
         lines: list[tuple[str, str | None]] = [(f"{self.action}: {self.project}", None)]
+        lines += [(f"  problem: {p}", "red") for p in self.problems]
         lines += [(f"  warning: {w}", "yellow") for w in self.warnings]
         for result in self.results:
             colour = colours[result.status] if result.fits_model else "red"

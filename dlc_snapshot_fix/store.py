@@ -107,6 +107,13 @@ def ensure_space(folder: Path, size: int) -> None:
         raise NotEnoughSpaceError(folder, space_needed(size), free)
 
 
+def ensure_writable(folder: Path) -> None:
+    """Fail before keeping a backup when the snapshot's folder cannot take the new file (read-only mount, permissions)."""
+    if not os.access(folder, os.W_OK):
+        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, f"{os.strerror(code)}: cannot write in {folder}")
+
+
 def remove_stale_temps(folders: list[Path]) -> int:
     """Delete temp files an interrupted run left; call only while holding the project's lock."""
     removed = 0

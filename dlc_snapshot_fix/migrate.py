@@ -176,9 +176,10 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         result.backup = backup
         zip_format = is_zip_snapshot(path)
         result.sha256_after = store.replace_with_snapshot(path, fixed, zip_format=zip_format)
-    except OSError as error:
+    except Exception as error:  # the snapshot path still holds the original: report, and go on
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         result.status = Status.FAILED
-        result.reason = f"could not write ({error.strerror or error}); the snapshot is unchanged. Fix that, run again"
+        result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
         return
     try:
         differences = compare_snapshots(fixed, load_snapshot(path, trust=trust))

@@ -108,7 +108,7 @@ def ensure_space(folder: Path, size: int) -> None:
 
 
 def ensure_writable(folder: Path) -> None:
-    """Fail before keeping a backup when the snapshot's folder cannot take the new file (read-only mount, permissions)."""
+    """Fail before keeping a backup when the folder cannot take the new file (read-only mount, permissions)."""
     if not os.access(folder, os.W_OK):
         code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
         raise OSError(code, f"{os.strerror(code)}: cannot write in {folder}")
@@ -136,7 +136,10 @@ def replace_with_snapshot(target: Path, snapshot: dict[str, Any], *, zip_format:
     temp = names.temp_path(target, secrets.token_hex(4))
     try:
         with open(temp, "xb") as stream:
-            torch.save(snapshot, stream, _use_new_zipfile_serialization=zip_format)
+            try:
+                torch.save(snapshot, stream, _use_new_zipfile_serialization=zip_format)
+            except RuntimeError as error:
+                raise _os_error_behind(error) from error
             stream.flush()
             os.fsync(stream.fileno())
         with contextlib.suppress(OSError):
@@ -148,6 +151,16 @@ def replace_with_snapshot(target: Path, snapshot: dict[str, Any], *, zip_format:
         raise
     fsync_dir(target.parent)
     return digest
+
+
+def _os_error_behind(error: BaseException) -> BaseException:
+    """torch's zip writer reports a full disk as ``RuntimeError: unexpected pos``; surface the OSError behind it."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
 
 
 def put_back(backup: Path, target: Path) -> None:

@@ -9,15 +9,20 @@ originals → ``evaluate_network`` fails again.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import deeplabcut
 import pytest
 import torch
+from conftest import train_dir_of
 
 from dlc_snapshot_fix import load_snapshot
 
@@ -104,3 +109,83 @@ def test_a_head_of_the_wrong_shape_is_explained_by_module(multi_gpu_project: Pat
     assert any(m["key"].startswith("heads.bodypart.heatmap_head") for m in check["shape_mismatches"])
     assert by_name["snapshot-001.pt"]["status"] == "fixed"  # the prefix was still worth removing
     assert by_name["snapshot-best-001.pt"]["model_check"]["model"]["status"] == "ok"
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size_bytes: int) -> Iterator[Callable[[int], None]]:
+    """A small RAM file system at ``folder``; yields a function that resizes it."""
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", folder], check=True)
+
+    def resize(new_size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new_size}", folder], check=True)
+
+    try:
+        yield resize
+    finally:
+        gc.collect()  # drop memory maps of files on it
+        subprocess.run(["umount", "--lazy", folder], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_a_full_disk_mid_run_leaves_every_snapshot_loadable_and_the_run_resumable(
+    multi_gpu_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from dlc_snapshot_fix import migrate_project, store
+
+    used = sum(p.stat().st_size for p in multi_gpu_project.rglob("*") if p.is_file())
+    snapshot_size = (train_dir_of(multi_gpu_project) / "snapshot-001.pt").stat().st_size
+    with tmpfs(tmp_path / "disk", used + snapshot_size // 2) as resize:
+        project = tmp_path / "disk" / "project"
+        shutil.copytree(multi_gpu_project, project)
+        train_dir = train_dir_of(project)
+        originals = {p.name: p.read_bytes() for p in train_dir.glob("*.pt")}
+
+        # 1. the disk fills up while the new file is being written (space check bypassed)
+        monkeypatch.setattr(store, "ensure_space", lambda folder, size: None)
+        report = migrate_project(project, check_model=False)
+        monkeypatch.undo()
+        assert {r.status.value for r in report.results} == {"failed"}
+        assert all("No space left on device" in r.reason for r in report.results)
+        assert {p.name: p.read_bytes() for p in train_dir.glob("*.pt")} == originals
+        assert not [p for p in train_dir.iterdir() if p.name.endswith(".tmp")]
+
+        # 2. the space check stops before writing, with a message saying what to do
+        resize(used + snapshot_size + (12 << 20))  # room for one rewrite, not two
+        checked = cli(project)
+        assert checked.returncode == 3
+        assert "1 fixed" in checked.stdout and "not enough space" in checked.stdout
+        assert "Free some space" in checked.stdout
+        for path in train_dir.glob("*.pt"):
+            load_snapshot(path)  # every snapshot loads: one migrated, one original
+
+        # 3. with room again, the rerun finishes the job and redoes nothing
+        resize(used + 4 * snapshot_size)
+        resumed = cli(project)
+        assert resumed.returncode == 0, resumed.stdout
+        assert "1 fixed, 1 already clean" in resumed.stdout
+        evaluate(project / "config.yaml")
+        restored = cli("restore", project)
+        assert restored.returncode == 0
+        assert {p.name: p.read_bytes() for p in train_dir.glob("*.pt")} == originals
+
+
+def test_two_concurrent_runs_never_both_write(multi_gpu_project: Path):
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dlc_snapshot_fix", str(multi_gpu_project), "--no-model-check"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outcomes = [(run.wait(), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in outcomes)
+    fixed = sum(out.count("  fixed ") for _, out, _ in outcomes)
+    assert fixed == 2, outcomes  # each snapshot rewritten exactly once, by one of the two runs
+    busy = [err for code, _, err in outcomes if code == 2]
+    assert codes in ([0, 0], [0, 2]), outcomes  # the loser either waited its turn (found all clean) or stopped
+    assert all("another dlc-snapshot-fix run holds" in err for err in busy)
+    manifest = json.loads((multi_gpu_project / ".dlc-snapshot-fix" / "manifest.json").read_text())
+    assert len(manifest["entries"]) == 2

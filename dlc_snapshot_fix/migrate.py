@@ -174,8 +174,15 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         method = store.keep_original(path, backup, result.sha256_before)
         entry = manifest.add(path, backup, result.sha256_before, method, change)
         result.backup = backup
-        zip_format = is_zip_snapshot(path)
-        result.sha256_after = store.replace_with_snapshot(path, fixed, zip_format=zip_format)
+        temp, result.sha256_after = store.write_temp(path, fixed, zip_format=is_zip_snapshot(path))
+        # record what is about to be at the path before it is there, so restore can recognise it after a crash
+        entry.sha256_after, entry.state = result.sha256_after, "writing"
+        try:
+            manifest.save()
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        store.commit_temp(temp, path)
     except Exception as error:  # the snapshot path still holds the original: report, and go on
         detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         result.status = Status.FAILED
@@ -192,7 +199,6 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         result.status = Status.FAILED
         result.reason = f"read-back differed ({differences[0]}); the original was put back"
         return
-    entry.sha256_after = result.sha256_after
     entry.state = "done"
     manifest.save()
     result.status = Status.FIXED

@@ -125,12 +125,11 @@ def remove_stale_temps(folders: list[Path]) -> int:
     return removed
 
 
-def replace_with_snapshot(target: Path, snapshot: dict[str, Any], *, zip_format: bool = True) -> str:
-    """Write ``snapshot`` with ``torch.save`` to a temp file beside ``target``, fsync, swap it in.
+def write_temp(target: Path, snapshot: dict[str, Any], *, zip_format: bool = True) -> tuple[Path, str]:
+    """Write ``snapshot`` with ``torch.save`` to a fsynced temp file beside ``target``; return it and its sha256.
 
-    Returns the new file's sha256. On any error the temp file is removed and ``target``
-    is untouched. The file's permission bits, and its format (zip or torch's legacy
-    one), are carried over.
+    The temp file gets ``target``'s permission bits and format (zip, or torch's legacy
+    one). On any error it is removed and the error raised; ``target`` is never touched.
     """
     ensure_space(target.parent, target.stat().st_size)
     temp = names.temp_path(target, secrets.token_hex(4))
@@ -144,13 +143,20 @@ def replace_with_snapshot(target: Path, snapshot: dict[str, Any], *, zip_format:
             os.fsync(stream.fileno())
         with contextlib.suppress(OSError):
             os.chmod(temp, target.stat().st_mode & 0o7777)
-        digest = sha256_of(temp)
+        return temp, sha256_of(temp)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def commit_temp(temp: Path, target: Path) -> None:
+    """Swap the finished temp file in under ``target``'s name (atomic) and make the rename durable."""
+    try:
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
-    return digest
 
 
 def _os_error_behind(error: BaseException) -> BaseException:
@@ -202,7 +208,9 @@ class ManifestEntry:
     time: str
     change: str
     state: str = "pending"
-    """``pending`` (backup kept, rewrite not yet confirmed), ``done`` or ``restored``."""
+    """``pending``: original kept, new file not yet written. ``writing``: new file written
+    (its sha256 recorded) and being swapped in; either may be at the path. ``done``: swapped
+    in and read back. ``restored``: the original is back. A killed run leaves the first two."""
 
 
 class ManifestError(RuntimeError):

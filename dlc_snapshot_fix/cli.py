@@ -10,7 +10,7 @@ import click
 
 from dlc_snapshot_fix import __version__, autoload
 from dlc_snapshot_fix.discover import ProjectError
-from dlc_snapshot_fix.migrate import ProjectBusyError, migrate_project, restore_project
+from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project, restore_project
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
 from dlc_snapshot_fix.store import ManifestError
 
@@ -77,10 +77,28 @@ def main() -> None:
     is_flag=True,
     help="Unpickle without the allow-list, for this run only. Can run code from the files: only for your own.",
 )
+@click.option(
+    "--fix-metadata",
+    is_flag=True,
+    help="Also turn numpy scalars in metadata into plain numbers (3.0.0rc5 and older), so DeepLabCut loads them.",
+)
+@click.option(
+    "--rename-legacy-best",
+    is_flag=True,
+    help="Also rename the legacy snapshot-best.pt to snapshot-best-<epoch>.pt. DeepLabCut's scorer name changes.",
+)
 @JSON_OPTION
 @QUIET_OPTION
 def migrate(
-    project: Path, check: bool, dry_run: bool, no_model_check: bool, trust: bool, json_path: str | None, quiet: bool
+    project: Path,
+    check: bool,
+    dry_run: bool,
+    no_model_check: bool,
+    trust: bool,
+    fix_metadata: bool,
+    rename_legacy_best: bool,
+    json_path: str | None,
+    quiet: bool,
 ) -> None:
     """Back up, fix in place and verify every snapshot of PROJECT (a folder or its config.yaml)."""
     write = not (check or dry_run)
@@ -92,8 +110,18 @@ def migrate(
             bold=True,
             err=True,
         )
+    if rename_legacy_best:
+        click.secho(
+            "note: a renamed best snapshot gets a new DeepLabCut scorer name (..._snapshot_best-<epoch>); "
+            "analysis files made with the old name keep it.",
+            fg="yellow",
+            err=True,
+        )
+    options = MigrationOptions(
+        check_model=not no_model_check, trust=trust, fix_metadata=fix_metadata, rename_legacy_best=rename_legacy_best
+    )
     _run(
-        lambda: migrate_project(project, write=write, check_model=not no_model_check, trust=trust),
+        lambda: migrate_project(project, write=write, options=options),
         json_path,
         quiet,
         check=check,

@@ -37,6 +37,10 @@ class SnapshotFile:
     role: Role
     pytorch_config: Path | None
     """The shuffle's ``pytorch_config.yaml``; ``None`` for exported models (they carry their own)."""
+    prefix: str = names.POSE_PREFIX
+    """The snapshot prefix its name starts with (``snapshot``, ``snapshot-detector`` or a custom one)."""
+    legacy_best: bool = False
+    """Named ``<prefix>-best.pt``, as 3.0.0rc5 and older named the best snapshot (current DeepLabCut ignores it)."""
 
     @property
     def state_dict_entries(self) -> tuple[str, ...]:
@@ -169,12 +173,14 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
     for entry in sorted(train_dir.iterdir()):
         name = entry.name
         role: Role | None = None
-        if any(names.is_dlc_snapshot_name(name, p) for p in detector_prefixes):
+        prefix = next((p for p in detector_prefixes if names.is_dlc_snapshot_name(name, p)), None)
+        if prefix is not None:
             role = "detector"
-        elif any(names.is_dlc_snapshot_name(name, p) for p in pose_prefixes):
+        elif (prefix := next((p for p in pose_prefixes if names.is_dlc_snapshot_name(name, p)), None)) is not None:
             role = "pose"
         elif name in legacy_names:
-            role = "detector" if "detector" in name else "pose"
+            prefix = name.removesuffix("-best.pt")
+            role = "detector" if prefix in detector_prefixes else "pose"
         elif name.endswith(".pt") and not name.startswith("."):
             inventory.skipped.append(
                 SkippedPath(entry, "not named like a DeepLabCut snapshot; DeepLabCut never loads it")
@@ -197,7 +203,8 @@ def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:
             reason = "named like a snapshot but not a file: DeepLabCut will try to load it and fail. Rename it"
             inventory.skipped.append(SkippedPath(entry, reason, problem=True))
             continue
-        inventory.snapshots.append(SnapshotFile(entry, role, config_file_or_none))
+        legacy = name in legacy_names
+        inventory.snapshots.append(SnapshotFile(entry, role, config_file_or_none, prefix, legacy))
 
 
 def _discover_exported(exported_dir: Path, inventory: ProjectInventory) -> None:

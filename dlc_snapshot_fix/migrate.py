@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import filelock
@@ -28,29 +29,41 @@ class ProjectBusyError(RuntimeError):
     """Another dlc-snapshot-fix run is writing this project."""
 
 
+@dataclass(frozen=True)
+class MigrationOptions:
+    """What a migration may change beyond the wrapper prefixes (always stripped), and how it reads."""
+
+    check_model: bool = True
+    trust: bool = False
+    """Unpickle without the allow-list: only for files the user vouches for (it can run code)."""
+    fix_metadata: bool = False
+    """Turn numpy scalars in ``metadata`` into plain numbers (3.0.0rc5 and older)."""
+    rename_legacy_best: bool = False
+    """Rename ``snapshot-best.pt`` to ``snapshot-best-<epoch>.pt`` (changes DeepLabCut's scorer name)."""
+
+
 def migrate_project(
     path: Path,
     *,
     write: bool = True,
-    check_model: bool = True,
-    trust: bool = False,
+    options: MigrationOptions | None = None,
     on_result: Callable[[SnapshotResult], None] | None = None,
+    **option_flags: bool,
 ) -> ProjectReport:
-    """Strip wrapper prefixes from every snapshot of the project at ``path``.
+    """Strip wrapper prefixes (and, if asked, apply the legacy clean-ups) in every snapshot at ``path``.
 
     With ``write=False`` nothing is written (no lock, no manifest, no backup) and
-    snapshots that need work are reported as ``needs fix``. With ``check_model`` each
-    state dict is checked against the model its ``pytorch_config.yaml`` describes,
-    when deeplabcut is installed. ``trust=True`` unpickles without the allow-list
-    (only for files the user vouches for: it can run code).
+    snapshots that need work are reported as ``needs fix``. Options come as a
+    :class:`MigrationOptions` or as its fields by keyword (``check_model=False``).
     """
+    options = replace(options or MigrationOptions(), **option_flags)
     inventory = discover_project(path)
     report = _new_report(inventory, "migrate" if write else "check")
-    checker = ModelChecker(enabled=check_model)
+    checker = ModelChecker(enabled=options.check_model)
     with contextlib.ExitStack() as cleanup:
         writer = _ProjectWriter(inventory, report, cleanup) if write else None
         for snapshot_file in inventory.snapshots:
-            _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, trust), on_result)
+            _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, options), on_result)
     return report
 
 
@@ -126,55 +139,91 @@ def _project_lock(project: Path) -> Iterator[None]:
         ) from error
 
 
+@dataclass
+class _Plan:
+    """What one snapshot should become: the new dict, the changes in words, and its (maybe new) path."""
+
+    fixed: dict
+    stripped: list[transforms.StrippedEntry]
+    changes: list[str]
+    destination: Path
+    hints: list[str]
+    """Problems DeepLabCut will still have with the result, and the option that fixes each."""
+
+
+def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
+    """Load and transform (pure after the load); raises on a file that cannot be handled."""
+    snapshot = load_snapshot(snapshot_file.path, trust=options.trust)
+    fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
+    hints: list[str] = []
+    changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
+    as_python, count = transforms.numpy_metadata_to_python(fixed)
+    if count and options.fix_metadata:
+        fixed = as_python
+        changes.append(f"{count} numpy scalar(s) in 'metadata' made plain numbers")
+    elif count:
+        hints.append(
+            f"'metadata' holds {count} numpy scalar(s): DeepLabCut's weights-only loading refuses this file. "
+            "Add --fix-metadata"
+        )
+    destination = snapshot_file.path
+    if options.rename_legacy_best and snapshot_file.legacy_best:
+        epoch = transforms.epoch_of(fixed)
+        if epoch is None:
+            raise transforms.SnapshotFormatError(
+                "legacy best snapshot without a whole-number metadata['epoch']; cannot name it. Rename it by hand"
+            )
+        destination = snapshot_file.path.with_name(names.best_name(snapshot_file.prefix, epoch))
+        if destination.exists():
+            raise transforms.SnapshotFormatError(f"cannot rename: {destination.name} exists already")
+        changes.append(f"renamed to {destination.name} (DeepLabCut's scorer name for it changes)")
+    return _Plan(fixed, stripped, changes, destination, hints)
+
+
 def _migrate_one(
     snapshot_file: SnapshotFile,
     project: Path,
     writer: _ProjectWriter | None,
     checker: ModelChecker,
-    trust: bool,
+    options: MigrationOptions,
 ) -> SnapshotResult:
     started = time.perf_counter()
     path = snapshot_file.path
     result = SnapshotResult(path=path, role=snapshot_file.role, status=Status.CLEAN)
     try:
         result.size = path.stat().st_size
-        fixed, result.stripped = _inspect(snapshot_file, trust)
-        if result.stripped and writer is not None:
+        plan = _plan(snapshot_file, options)
+        if plan.changes and writer is not None:
             manifest = writer.manifest()
-            # read again under the lock: another run may have rewritten it since
-            fixed, result.stripped = _inspect(snapshot_file, trust)
+            plan = _plan(snapshot_file, options)  # again under the lock: another run may have rewritten it
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
         result.status = Status.FAILED
         result.reason = _failure_reason(error)
         result.seconds = time.perf_counter() - started
         return result
-    for entry in transforms.present_entries(fixed, snapshot_file.state_dict_entries):
-        result.model_checks[entry] = checker.check(snapshot_file, fixed, entry)
-    if result.stripped:
+    result.stripped, result.changes, result.hints = plan.stripped, plan.changes, plan.hints
+    for entry in transforms.present_entries(plan.fixed, snapshot_file.state_dict_entries):
+        result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
+    if plan.changes:
         result.status = Status.NEEDS_FIX
         if writer is not None:
-            _rewrite(result, project, manifest, fixed, trust)
+            _rewrite(result, project, manifest, plan, options.trust)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _inspect(snapshot_file: SnapshotFile, trust: bool) -> tuple[dict, list[transforms.StrippedEntry]]:
-    snapshot = load_snapshot(snapshot_file.path, trust=trust)
-    return transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
-
-
-def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fixed: dict, trust: bool) -> None:
-    """Backup, atomic replace, read-back; on a read-back difference the original goes back."""
-    path = result.path
-    change = "; ".join(f"{s.entry}: stripped {'+'.join(s.prefixes)}" for s in result.stripped)
+def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, trust: bool) -> None:
+    """Backup, atomic write, read-back; on a read-back difference the original goes back."""
+    path, destination = result.path, plan.destination
     try:
         store.ensure_writable(path.parent)
         result.sha256_before = store.sha256_of(path)
         backup = names.backup_path(project, path, result.sha256_before)
         method = store.keep_original(path, backup, result.sha256_before)
-        entry = manifest.add(path, backup, result.sha256_before, method, change)
+        renamed_from = path if destination != path else None
+        entry = manifest.add(destination, backup, result.sha256_before, method, "; ".join(plan.changes), renamed_from)
         result.backup = backup
-        temp, result.sha256_after = store.write_temp(path, fixed, zip_format=is_zip_snapshot(path))
+        temp, result.sha256_after = store.write_temp(path, plan.fixed, zip_format=is_zip_snapshot(path))
         # record what is about to be at the path before it is there, so restore can recognise it after a crash
         entry.sha256_after, entry.state = result.sha256_after, "writing"
         try:
@@ -182,19 +231,22 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        store.commit_temp(temp, path)
+        store.commit_temp(temp, destination)
+        if renamed_from is not None:
+            path.unlink()  # its bytes are the backup's
+            store.fsync_dir(path.parent)
+            result.renamed_to = destination
     except Exception as error:  # the snapshot path still holds the original: report, and go on
         detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         result.status = Status.FAILED
         result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
         return
     try:
-        differences = compare_snapshots(fixed, load_snapshot(path, trust=trust))
+        differences = compare_snapshots(plan.fixed, load_snapshot(destination, trust=trust))
     except SnapshotReadError as error:
         differences = [f"the new file does not read back: {error.problem}"]
     if differences:
-        store.put_back(backup, path)
-        entry.state = "restored"
+        _undo(entry, project)
         manifest.save()
         result.status = Status.FAILED
         result.reason = f"read-back differed ({differences[0]}); the original was put back"
@@ -204,17 +256,30 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, fi
     result.status = Status.FIXED
 
 
+def _undo(entry: store.ManifestEntry, project: Path) -> None:
+    """Put the original back where it was, and remove a renamed copy."""
+    original_path = project / (entry.renamed_from or entry.path)
+    store.put_back(project / entry.backup, original_path)
+    if entry.renamed_from:
+        (project / entry.path).unlink(missing_ok=True)
+    entry.state = "restored"
+
+
 def _restore_one(project: Path, manifest: store.Manifest, entry: store.ManifestEntry) -> SnapshotResult:
     started = time.perf_counter()
     path = project / entry.path
+    original_path = project / (entry.renamed_from or entry.path)
     backup = project / entry.backup
-    result = SnapshotResult(path=path, role="snapshot", status=Status.NOTHING_TO_RESTORE, backup=backup)
+    result = SnapshotResult(path=original_path, role="snapshot", status=Status.NOTHING_TO_RESTORE, backup=backup)
     result.sha256_before = entry.sha256_before
     if entry.state == "restored":
         result.reason = "already restored"
         return result
     current = store.sha256_of(path) if path.exists() else None
-    if current == entry.sha256_before:
+    original_in_place = original_path.exists() and (
+        current == entry.sha256_before if original_path == path else not path.exists()
+    )
+    if original_in_place:
         result.reason = "already holds its original bytes"
     elif not backup.is_file():
         result.status = Status.FAILED
@@ -228,9 +293,9 @@ def _restore_one(project: Path, manifest: store.Manifest, entry: store.ManifestE
         result.status = Status.FAILED
         result.reason = f"backup {backup} does not match the recorded sha256; not restored"
     else:
-        store.put_back(backup, path)
+        _undo(entry, project)
         result.status = Status.RESTORED
-        result.sha256_after = store.sha256_of(path)
+        result.sha256_after = store.sha256_of(original_path)
     if result.status != Status.FAILED:
         entry.state = "restored"
         manifest.save()

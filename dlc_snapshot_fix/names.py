@@ -35,6 +35,11 @@ def is_dlc_snapshot_name(name: str, prefix: str) -> bool:
     return snapshot_pattern(prefix).match(name) is not None
 
 
+def best_name(prefix: str, epoch: int) -> str:
+    """What DeepLabCut 3.0.0rc6 and later call the best snapshot of ``epoch``."""
+    return f"{prefix}-best-{epoch:03d}.pt"
+
+
 def legacy_best_name(prefix: str) -> str:
     """The best snapshot's name up to DeepLabCut 3.0.0rc5; current versions ignore it."""
     return f"{prefix}-best.pt"

@@ -46,6 +46,11 @@ class SnapshotResult:
     status: Status
     reason: str = ""
     stripped: list[StrippedEntry] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    """Every change made (or, for ``needs fix``, to be made), in words."""
+    renamed_to: Path | None = None
+    hints: list[str] = field(default_factory=list)
+    """What DeepLabCut will still fail on, with the option that fixes it."""
     model_checks: dict[str, ModelCheck] = field(default_factory=dict)
     size: int | None = None
     sha256_before: str | None = None
@@ -59,17 +64,16 @@ class SnapshotResult:
 
     @property
     def ok(self) -> bool:
-        return self.status != Status.FAILED and self.fits_model
+        return self.status != Status.FAILED and self.fits_model and not self.hints
 
     def describe(self) -> str:
         """One line: what was (or would be) changed, then how the model check went."""
         parts = []
         if self.reason:
             parts.append(self.reason)
-        for item in self.stripped:
-            prefixes = " + ".join(repr(p) for p in item.prefixes)
-            verb = "would strip" if self.status == Status.NEEDS_FIX else "stripped"
-            parts.append(f"{verb} {prefixes} from {item.entry!r} ({item.key_count} keys)")
+        for change in self.changes:
+            parts.append(f"would be {change}" if self.status == Status.NEEDS_FIX else change)
+        parts += self.hints
         for entry, check in self.model_checks.items():
             text = check.summary()
             if check.status == "mismatch":
@@ -108,6 +112,9 @@ class ProjectReport:
                     "role": r.role,
                     "status": r.status.value,
                     "reason": r.reason,
+                    "changes": r.changes,
+                    "renamed_to": str(r.renamed_to) if r.renamed_to else None,
+                    "hints": r.hints,
                     "stripped": [
                         {"entry": s.entry, "prefixes": list(s.prefixes), "keys": s.key_count} for s in r.stripped
                     ],
@@ -152,7 +159,7 @@ class ProjectReport:
         lines += [(f"  problem: {p}", "red") for p in self.problems]
         lines += [(f"  warning: {w}", "yellow") for w in self.warnings]
         for result in self.results:
-            colour = colours[result.status] if result.fits_model else "red"
+            colour = colours[result.status] if result.fits_model and not result.hints else "red"
             lines.append((f"  {result.status.value:<14} {self._relative(result.path)}", colour))
             if detail := result.describe():
                 lines.append((f"  {'':<14}   {detail}", None))

@@ -207,6 +207,8 @@ class ManifestEntry:
     tool_version: str
     time: str
     change: str
+    renamed_from: str | None = None
+    """For a rename, the original path (relative to the project); ``path`` is then the new one."""
     state: str = "pending"
     """``pending``: original kept, new file not yet written. ``writing``: new file written
     (its sha256 recorded) and being swapped in; either may be at the path. ``done``: swapped
@@ -234,8 +236,17 @@ class Manifest:
                     "intact. Repair or move the manifest away, then run again"
                 ) from error
 
-    def add(self, snapshot: Path, backup: Path, sha256_before: str, backup_method: str, change: str) -> ManifestEntry:
+    def add(
+        self,
+        snapshot: Path,
+        backup: Path,
+        sha256_before: str,
+        backup_method: str,
+        change: str,
+        renamed_from: Path | None = None,
+    ) -> ManifestEntry:
         entry = ManifestEntry(
+            renamed_from=str(renamed_from.relative_to(self.project)) if renamed_from else None,
             path=str(snapshot.relative_to(self.project)),
             backup=str(backup.relative_to(self.project)),
             sha256_before=sha256_before,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlc_snapshot_fix import keys
@@ -91,3 +92,39 @@ def strip_wrapper_prefixes(
             result[entry] = new_state_dict
             stripped.append(StrippedEntry(entry, prefixes, len(new_state_dict)))
     return result, stripped
+
+
+def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """Turn numpy scalars in ``metadata`` into plain Python numbers; return the snapshot and how many.
+
+    DeepLabCut 3.0.0rc5 and older stored numpy float64 values in ``metadata["metrics"]``;
+    ``torch.load(weights_only=True)`` (DeepLabCut's default since torch 2.6) refuses them
+    unless numpy's types are allow-listed. DeepLabCut's own ``fix_snapshot_metadata``
+    does the same cast, but loads with ``weights_only=False`` and keeps no backup.
+    """
+    count = 0
+
+    def plain(value: Any) -> Any:
+        nonlocal count
+        if isinstance(value, np.generic):
+            count += 1
+            return value.item()
+        if isinstance(value, dict):
+            return type(value)((key, plain(item)) for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(item) for item in value)
+        return value
+
+    if not isinstance(snapshot.get("metadata"), dict):
+        return dict(snapshot), 0
+    metadata = plain(snapshot["metadata"])
+    return ({**snapshot, "metadata": metadata} if count else dict(snapshot)), count
+
+
+def epoch_of(snapshot: Mapping[str, Any]) -> int | None:
+    """The epoch a snapshot's metadata records, if it records one as a whole number."""
+    metadata = snapshot.get("metadata")
+    epoch = metadata.get("epoch") if isinstance(metadata, Mapping) else None
+    if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool) and epoch >= 0:
+        return int(epoch)
+    return None

@@ -82,7 +82,7 @@ def test_check_mode_reports_the_real_project_without_writing(multi_gpu_project: 
     before = snapshot_states(train_dir)
     checked = cli(multi_gpu_project, "--check")
     assert checked.returncode == 1
-    assert "would strip 'module.'" in checked.stdout
+    assert "would be stripped 'module.'" in checked.stdout
     assert snapshot_states(train_dir) == before
 
 
@@ -189,3 +189,22 @@ def test_two_concurrent_runs_never_both_write(multi_gpu_project: Path):
     assert all("another dlc-snapshot-fix run holds" in err for err in busy)
     manifest = json.loads((multi_gpu_project / ".dlc-snapshot-fix" / "manifest.json").read_text())
     assert len(manifest["entries"]) == 2
+
+
+def test_fix_metadata_makes_evaluate_network_load_an_rc5_best_snapshot(multi_gpu_project: Path):
+    """rc5 saved numpy float64 metrics; DeepLabCut 3.0.2's weights-only load refuses them."""
+    import numpy as np
+
+    best = train_dir_of(multi_gpu_project) / "snapshot-best-001.pt"
+    snapshot = load_snapshot(best)
+    snapshot["metadata"] = {**snapshot["metadata"], "metrics": {"test.rmse": np.float64(4.5)}}
+    partial = best.with_name("partial")
+    torch.save(snapshot, partial)
+    os.replace(partial, best)
+
+    assert cli(multi_gpu_project).returncode == 3  # prefix stripped, but it still would not load: says so
+    with pytest.raises(Exception, match="numpy"):
+        evaluate(multi_gpu_project / "config.yaml")
+    fixed = cli(multi_gpu_project, "--fix-metadata")
+    assert fixed.returncode == 0, fixed.stdout
+    evaluate(multi_gpu_project / "config.yaml")

@@ -119,7 +119,7 @@ def test_check_and_dry_run_write_nothing(project: Path, snapshots: dict[str, Pat
     assert check.exit_code == 1
     dry = run(project, "--dry-run")
     assert dry.exit_code == 0
-    assert "would strip 'module.' from 'model'" in dry.output
+    assert "would be stripped 'module.' from 'model'" in dry.output
     assert file_states(project) == before
     assert not names.tool_dir(project).exists()
     run(project)

@@ -9,8 +9,12 @@ from pathlib import Path
 import click
 
 from dlc_snapshot_fix import __version__, autoload
+from dlc_snapshot_fix.adapt import AdaptRefusedError, adapt_snapshot
+from dlc_snapshot_fix.diagnose import diagnose, resolve_pytorch_config
 from dlc_snapshot_fix.discover import ProjectError
+from dlc_snapshot_fix.keys import group_by_module
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project, restore_project
+from dlc_snapshot_fix.reading import SnapshotReadError
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
 from dlc_snapshot_fix.store import ManifestError
 
@@ -135,6 +139,70 @@ def migrate(
 def restore(project: Path, json_path: str | None, quiet: bool) -> None:
     """Put back the original bytes of every snapshot this tool rewrote in PROJECT."""
     _run(lambda: restore_project(project), json_path, quiet)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--against",
+    type=click.Path(exists=True, path_type=Path),
+    help="Check against this pytorch_config.yaml, or this project's (default: the snapshot's own).",
+)
+@click.option("--shuffle", type=int, help="With --against PROJECT: which shuffle's pytorch_config.yaml.")
+@JSON_OPTION
+def inspect(path: Path, against: Path | None, shuffle: int | None, json_path: str | None) -> None:
+    """Explain a snapshot, or every snapshot of a project: contents, prefix, heads, and why it does (not) load.
+
+    Writes nothing. Exit 0 when every snapshot loads into its model, 3 otherwise.
+    """
+    try:
+        diagnoses = diagnose(path, against=against, shuffle=shuffle)
+    except ProjectError as error:
+        click.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(ExitCode.USAGE)
+    payload = [d.to_dict() for d in diagnoses]
+    if json_path == "-":
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        if json_path:
+            Path(json_path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        for diagnosis in diagnoses:
+            for line in diagnosis.render():
+                click.echo(line)
+    fits = all(d.error is None and d.model_check is not None and d.model_check.status != "mismatch" for d in diagnoses)
+    sys.exit(ExitCode.OK if fits and not any(d.prefixes for d in diagnoses) else ExitCode.PROBLEMS)
+
+
+@main.command()
+@click.argument("snapshot", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--target",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="The pytorch_config.yaml (or project) of the model to adapt to.",
+)
+@click.option("--shuffle", type=int, help="With --target PROJECT: which shuffle.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Where to write the new snapshot.")
+@click.option("--allow-non-head", is_flag=True, help="Also re-initialise non-head parts that do not fit.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the source).")
+def adapt(
+    snapshot: Path, target: Path, shuffle: int | None, output: Path, allow_non_head: bool, overwrite: bool
+) -> None:
+    """Reuse SNAPSHOT for another model (e.g. after adding bodyparts): keep what fits, re-initialise the rest.
+
+    Use the output as train_settings.weight_init.snapshot_path or as train_network(snapshot_path=...).
+    """
+    try:
+        target_config = resolve_pytorch_config(target, shuffle)
+        plan = adapt_snapshot(snapshot, target_config, output, allow_non_head=allow_non_head, overwrite=overwrite)
+    except (ProjectError, AdaptRefusedError, FileExistsError, SnapshotReadError, ValueError) as error:
+        click.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(ExitCode.PROBLEMS)
+    click.echo(f"wrote {output}: {len(plan.kept)} tensors kept from {snapshot.name}")
+    for label, names_ in (("re-initialised", plan.reinitialised), ("dropped from the source", plan.dropped)):
+        if names_:
+            groups = ", ".join(f"{module}: {n}" for module, n in group_by_module(names_).items())
+            click.echo(f"  {label}: {groups}")
 
 
 @main.group()

@@ -125,13 +125,17 @@ def remove_stale_temps(folders: list[Path]) -> int:
     return removed
 
 
-def write_temp(target: Path, snapshot: dict[str, Any], *, zip_format: bool = True) -> tuple[Path, str]:
+def write_temp(
+    target: Path, snapshot: dict[str, Any], *, zip_format: bool = True, expected_size: int | None = None
+) -> tuple[Path, str]:
     """Write ``snapshot`` with ``torch.save`` to a fsynced temp file beside ``target``; return it and its sha256.
 
-    The temp file gets ``target``'s permission bits and format (zip, or torch's legacy
-    one). On any error it is removed and the error raised; ``target`` is never touched.
+    The temp file gets ``target``'s permission bits (when it exists) and the format asked
+    for (zip, or torch's legacy one). Free space for ``expected_size`` (default: the size
+    of ``target``) is checked first. On any error the temp file is removed and the error
+    raised; ``target`` is never touched.
     """
-    ensure_space(target.parent, target.stat().st_size)
+    ensure_space(target.parent, target.stat().st_size if expected_size is None else expected_size)
     temp = names.temp_path(target, secrets.token_hex(4))
     try:
         with open(temp, "xb") as stream:
@@ -141,8 +145,9 @@ def write_temp(target: Path, snapshot: dict[str, Any], *, zip_format: bool = Tru
                 raise _os_error_behind(error) from error
             stream.flush()
             os.fsync(stream.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(temp, target.stat().st_mode & 0o7777)
+        if target.exists():
+            with contextlib.suppress(OSError):
+                os.chmod(temp, target.stat().st_mode & 0o7777)
         return temp, sha256_of(temp)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -6,8 +6,9 @@ here needs ``deeplabcut``; nothing here is needed to migrate a project.
 
 from __future__ import annotations
 
-import copy
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,14 @@ from typing import Any
 import torch
 import yaml
 
+from dlc_snapshot_fix import verify
 from dlc_snapshot_fix.reading import load_snapshot
 
 
 def build_pose_model(pytorch_config: Path) -> torch.nn.Module:
     """Build the pose model a ``pytorch_config.yaml`` describes, as DeepLabCut's inference does."""
-    from deeplabcut.pose_estimation_pytorch.models import PoseModel
-
     config = yaml.safe_load(Path(pytorch_config).read_text(encoding="utf-8"))
-    return PoseModel.build(copy.deepcopy(config["model"]), pretrained_backbone=False)
+    return verify.build_pose_model(config["model"])
 
 
 def save_like_multi_gpu_rc5(path: Path, model: torch.nn.Module, snapshot: dict[str, Any]) -> Path:
@@ -65,3 +65,80 @@ def rewrap_as_dataparallel(path: Path, model: torch.nn.Module) -> Path:
     snapshot = load_snapshot(path)
     model.load_state_dict(snapshot["model"], strict=True)
     return save_like_multi_gpu_rc5(path, model, snapshot)
+
+
+FRAMES, SIZE = 20, 64
+BODYPARTS = ("head", "tail")
+COLOURS = {"head": (0, 0, 255), "tail": (0, 255, 0), "mid": (255, 0, 0)}
+
+
+def dot_positions(frame: int) -> dict[str, tuple[float, float]]:
+    """Where each bodypart's dot is drawn in ``frame``: the ground truth for labels."""
+    head, tail = (12.0 + 2.0 * frame, 20.0 + frame), (50.0 - frame, 44.0 - 0.5 * frame)
+    return {"head": head, "tail": tail, "mid": ((head[0] + tail[0]) / 2, (head[1] + tail[1]) / 2 + 6.0)}
+
+
+def write_video(path: Path, bodyparts: tuple[str, ...]) -> None:
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (SIZE, SIZE))
+    for frame in range(FRAMES):
+        image = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+        for bodypart in bodyparts:
+            x, y = dot_positions(frame)[bodypart]
+            cv2.circle(image, (round(x), round(y)), 4, COLOURS[bodypart], -1)
+        writer.write(image)
+    writer.release()
+
+
+def set_bodyparts(config: Path, bodyparts: tuple[str, ...]) -> None:
+    from deeplabcut.utils.auxiliaryfunctions import edit_config
+
+    edit_config(str(config), {"bodyparts": list(bodyparts), "numframes2pick": 8})
+
+
+def write_labels(config: Path, scorer: str, bodyparts: tuple[str, ...]) -> None:
+    """Label every extracted frame with the exact dot positions, as a user would."""
+    import pandas as pd
+
+    project = config.parent
+    for folder in (project / "labeled-data").iterdir():
+        images = sorted(folder.glob("img*.png"))
+        index = pd.MultiIndex.from_tuples([("labeled-data", folder.name, image.name) for image in images])
+        columns = pd.MultiIndex.from_product(
+            [[scorer], list(bodyparts), ["x", "y"]], names=["scorer", "bodyparts", "coords"]
+        )
+        rows = []
+        for image in images:
+            frame = int(image.stem.removeprefix("img"))
+            rows.append([c for bp in bodyparts for c in dot_positions(frame)[bp]])
+        frame_labels = pd.DataFrame(rows, index=index, columns=columns)
+        frame_labels.to_hdf(folder / f"CollectedData_{scorer}.h5", key="df_with_missing")
+        frame_labels.to_csv(folder / f"CollectedData_{scorer}.csv")
+
+
+def make_sample_project(destination: Path, bodyparts: tuple[str, ...] = BODYPARTS) -> Path:
+    """A tiny real project at ``destination``: DeepLabCut's own files, frames labelled from the known dots."""
+    import deeplabcut
+
+    if destination.exists():
+        raise SystemExit(f"{destination} exists; remove it first")
+    with tempfile.TemporaryDirectory() as scratch:
+        video = Path(scratch) / "dots.mp4"
+        write_video(video, bodyparts)
+        created = deeplabcut.create_new_project(
+            "dots", "lab", [str(video)], working_directory=scratch, copy_videos=True
+        )
+        config = Path(created)
+        set_bodyparts(config, bodyparts)
+        deeplabcut.extract_frames(str(config), mode="automatic", algo="uniform", userfeedback=False)
+        write_labels(config, scorer="lab", bodyparts=bodyparts)
+        deeplabcut.create_training_dataset(
+            str(config),
+            net_type="resnet_50",
+            engine=deeplabcut.Engine.PYTORCH,
+            userfeedback=False,
+        )
+        shutil.copytree(config.parent, destination)
+    return destination

@@ -11,6 +11,7 @@ import copy
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -108,6 +109,25 @@ def deeplabcut_available() -> bool:
     return importlib.util.find_spec("deeplabcut") is not None
 
 
+def build_pose_model(model_config: Mapping[str, Any]) -> torch.nn.Module:
+    """The pose model a ``pytorch_config.yaml``'s ``model`` section describes, built as DeepLabCut's inference does.
+
+    ``pretrained_backbone=False``: no weight download. The config is copied, since
+    ``PoseModel.build`` writes into it.
+    """
+    from deeplabcut.pose_estimation_pytorch.models import PoseModel
+
+    return PoseModel.build(copy.deepcopy(dict(model_config)), pretrained_backbone=False)
+
+
+def model_config_from(pytorch_config: Path) -> tuple[dict | None, str]:
+    """The ``model`` section of a ``pytorch_config.yaml``, or ``None`` and why not."""
+    config = read_yaml(pytorch_config)
+    if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
+        return None, f"{pytorch_config} has no 'model' section; model check skipped"
+    return dict(config["model"]), str(pytorch_config)
+
+
 class ModelChecker:
     """Builds each DeepLabCut model once and checks state dicts against it."""
 
@@ -115,7 +135,10 @@ class ModelChecker:
         self.enabled = enabled
         self._models: dict[str, torch.nn.Module] = {}
 
-    def check(self, snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str) -> ModelCheck:
+    def check(
+        self, snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str, against: Path | None = None
+    ) -> ModelCheck:
+        """Check ``snapshot[entry]`` against its own model config, or the ``pytorch_config.yaml`` ``against``."""
         if not self.enabled:
             return ModelCheck("skipped", "model check not requested")
         if not deeplabcut_available():
@@ -125,11 +148,14 @@ class ModelChecker:
                 "skipped",
                 "detector not checked: building torchvision's detector downloads backbone weights",
             )
-        model_config, source = self._pose_model_config(snapshot_file, snapshot)
+        if against is not None:
+            model_config, source = model_config_from(against)
+        else:
+            model_config, source = self._pose_model_config(snapshot_file, snapshot)
         if model_config is None:
             return ModelCheck("skipped", source)
         try:
-            model = self._model(source, model_config)
+            model = self.model(source, model_config)
         except Exception as error:  # DeepLabCut's builders raise many types for a bad config
             return ModelCheck("skipped", f"could not build the model from {source}: {error}")
         state_dict = snapshot[entry]
@@ -147,14 +173,10 @@ class ModelChecker:
             return None, "exported file has no model config; model check skipped"
         if snapshot_file.pytorch_config is None:
             return None, "no readable pytorch_config.yaml beside it; model check skipped"
-        config = read_yaml(snapshot_file.pytorch_config)
-        if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
-            return None, f"{snapshot_file.pytorch_config} has no 'model' section; model check skipped"
-        return dict(config["model"]), str(snapshot_file.pytorch_config)
+        return model_config_from(snapshot_file.pytorch_config)
 
-    def _model(self, source: str, model_config: dict) -> torch.nn.Module:
+    def model(self, source: str, model_config: Mapping[str, Any]) -> torch.nn.Module:
+        """The model built from ``model_config``, once per ``source``."""
         if source not in self._models:
-            from deeplabcut.pose_estimation_pytorch.models import PoseModel
-
-            self._models[source] = PoseModel.build(copy.deepcopy(model_config), pretrained_backbone=False)
+            self._models[source] = build_pose_model(model_config)
         return self._models[source]

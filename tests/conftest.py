@@ -100,3 +100,11 @@ def multi_gpu_project(trained_project: Path, tmp_path: Path) -> Path:
     for path in (trained, best):
         rewrap_as_dataparallel(path, model)
     return project
+
+
+@pytest.fixture(scope="session")
+def three_bodypart_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real project like sample_project, but with a third bodypart ("mid")."""
+    from dlc_snapshot_fix.testing import make_sample_project
+
+    return make_sample_project(tmp_path_factory.mktemp("three") / "three bodyparts", ("head", "tail", "mid"))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from dlc_snapshot_fix import __version__, autoload
 from dlc_snapshot_fix.adapt import AdaptRefusedError, adapt_snapshot
+from dlc_snapshot_fix.archive import Shard, merge_reports, migrate_archive, write_rows_csv
 from dlc_snapshot_fix.diagnose import diagnose, resolve_pytorch_config
-from dlc_snapshot_fix.discover import ProjectError
+from dlc_snapshot_fix.discover import ProjectError, discover_project
 from dlc_snapshot_fix.keys import group_by_module
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project, restore_project
 from dlc_snapshot_fix.reading import SnapshotReadError
@@ -91,6 +93,9 @@ def main() -> None:
     is_flag=True,
     help="Also rename the legacy snapshot-best.pt to snapshot-best-<epoch>.pt. DeepLabCut's scorer name changes.",
 )
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Archive: projects migrated at once.")
+@click.option("--shard", metavar="I/N", help="Archive: take only shard I of N (default: SLURM array variables).")
+@click.option("--csv", "csv_path", metavar="FILE", help="Archive: also write one CSV row per snapshot to FILE.")
 @JSON_OPTION
 @QUIET_OPTION
 def migrate(
@@ -101,10 +106,16 @@ def migrate(
     trust: bool,
     fix_metadata: bool,
     rename_legacy_best: bool,
+    jobs: int,
+    shard: str | None,
+    csv_path: str | None,
     json_path: str | None,
     quiet: bool,
 ) -> None:
-    """Back up, fix in place and verify every snapshot of PROJECT (a folder or its config.yaml)."""
+    """Back up, fix in place and verify every snapshot of PROJECT (a folder or its config.yaml).
+
+    If PROJECT is not a project, every project below it is migrated (a lab archive).
+    """
     write = not (check or dry_run)
     if trust:
         click.secho(
@@ -124,12 +135,106 @@ def migrate(
     options = MigrationOptions(
         check_model=not no_model_check, trust=trust, fix_metadata=fix_metadata, rename_legacy_best=rename_legacy_best
     )
+    if project.is_dir() and not (project / "config.yaml").exists():
+        _run_archive(project, jobs, shard, write, options, json_path, csv_path, quiet)
     _run(
         lambda: migrate_project(project, write=write, options=options),
         json_path,
         quiet,
         check=check,
     )
+
+
+def _run_archive(
+    root: Path,
+    jobs: int,
+    shard_text: str | None,
+    write: bool,
+    options: MigrationOptions,
+    json_path: str | None,
+    csv_path: str | None,
+    quiet: bool,
+) -> None:
+    """Archive mode: a progress bar on a terminal, one log line per project otherwise."""
+    try:
+        shard = Shard.parse(shard_text)
+    except ValueError as error:
+        click.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(ExitCode.USAGE)
+    progress = _ArchiveProgress(enabled=sys.stderr.isatty() and not quiet, quiet=quiet)
+    report = migrate_archive(
+        root, jobs=jobs, shard=shard, write=write, options=options, on_plan=progress.start, on_project=progress.done
+    )
+    progress.close()
+    if json_path:
+        report.write_json(Path(json_path))
+    if csv_path:
+        report.write_csv(Path(csv_path))
+    for skipped in report.skipped:
+        if not quiet:
+            click.secho(f"skipped {skipped.path}: {skipped.reason}", fg="red" if skipped.problem else "yellow")
+    click.echo(report.summary())
+    sys.exit(report.exit_code())
+
+
+class _ArchiveProgress:
+    """tqdm over bytes of snapshots (files, rate, ETA) on a terminal; plain lines in logs."""
+
+    def __init__(self, enabled: bool, quiet: bool):
+        self.enabled, self.quiet = enabled, quiet
+        self.bar: Any = None
+        self.total_projects = self.finished = self.files = 0
+
+    def start(self, projects: list[Path]) -> None:
+        self.total_projects = len(projects)
+        if self.enabled:
+            from tqdm import tqdm
+
+            total = sum(f.path.stat().st_size for p in projects for f in _quiet_discover(p))
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="snapshots", file=sys.stderr)
+
+    def done(self, project: Path, outcome: Any) -> None:
+        self.finished += 1
+        if isinstance(outcome, ProjectReport):
+            self.files += len(outcome.results)
+            summary = outcome.render_lines()[-1][0]
+            size = sum(r.size or 0 for r in outcome.results)
+        else:
+            summary, size = outcome, 0
+        if self.bar is not None:
+            self.bar.update(size)
+            self.bar.set_postfix(files=self.files, projects=f"{self.finished}/{self.total_projects}")
+        elif not self.quiet:
+            click.echo(f"[{self.finished}/{self.total_projects}] {project}: {summary}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _quiet_discover(project: Path) -> list:
+    try:
+        return discover_project(project).snapshots
+    except (ProjectError, OSError):
+        return []
+
+
+@main.command("merge-reports")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "json_path", metavar="FILE", required=True, help="Write the merged report to FILE.")
+@click.option("--csv", "csv_path", metavar="FILE", help="Also write it as CSV.")
+def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: str | None) -> None:
+    """Merge the JSON reports of several shards (--shard I/N) into one."""
+    merged = merge_reports(reports)
+    Path(json_path).write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    if csv_path:
+        write_rows_csv(merged["snapshots"], Path(csv_path))
+    failed = sum(row["status"] == "failed" for row in merged["snapshots"])
+    click.echo(
+        f"merged {len(reports)} reports (shards {', '.join(merged['shards'])}): "
+        f"{len(merged['snapshots'])} snapshots, {failed} failed"
+    )
+    sys.exit(ExitCode.PROBLEMS if failed or merged["interrupted"] else ExitCode.OK)
 
 
 @main.command()

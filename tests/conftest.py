@@ -48,12 +48,16 @@ def save_snapshot(path: Path, state_dict, **extra) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A DeepLabCut project skeleton (config files only) in a folder whose name has a space."""
-    root = tmp_path / "my project"
-    (root / TRAIN).mkdir(parents=True)
+    return make_project(tmp_path / "my project")
+
+
+def make_project(root: Path, train: str = TRAIN) -> Path:
+    """Config files of a bottom-up PyTorch project at ``root`` (no model section: no model check)."""
+    (root / train).mkdir(parents=True)
     (root / "config.yaml").write_text(
         yaml.safe_dump({"Task": "test", "project_path": str(root), "engine": "pytorch", "iteration": 0})
     )
-    (root / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu", "net_type": "tiny"}))
+    (root / train / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu", "net_type": "tiny"}))
     return root
 
 

@@ -1,0 +1,257 @@
+"""Lab archives: find every project below a folder, migrate them in parallel, sharded, resumable.
+
+A storage server or cluster holds hundreds of projects. This module finds them,
+picks this shard's share (``--shard I/N``, or SLURM's array variables), runs
+:func:`~dlc_snapshot_fix.migrate.migrate_project` on each in a pool of worker
+processes, and collects one row per snapshot. Resuming needs no state of its own: a
+rerun finds finished snapshots already clean and leaves them alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlc_snapshot_fix import names
+from dlc_snapshot_fix.discover import MODEL_PREFIX_DEPTH, PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath
+from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project
+from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status
+
+ROW_FIELDS = ("project", "path", "status", "reason", "size", "sha256_before", "sha256_after", "seconds")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count``: a stable hash of each project's path picks its shard."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None, environ: dict[str, str] | None = None) -> Shard:
+        """``"I/N"`` (1-based I, as people count), else SLURM's array variables, else the whole archive."""
+        environ = dict(os.environ) if environ is None else environ
+        if text:
+            index, _, count = text.partition("/")
+            shard = cls(int(index) - 1, int(count))
+        elif "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+            first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            shard = cls(int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"]))
+        else:
+            shard = cls()
+        if not 0 <= shard.index < shard.count:
+            raise ValueError(f"shard {shard.index + 1}/{shard.count} is out of range; use I/N with 1 <= I <= N")
+        return shard
+
+    def owns(self, relative_path: str) -> bool:
+        digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index + 1}/{self.count}"
+
+
+def is_project(folder: Path) -> bool:
+    """A ``config.yaml`` with DeepLabCut model folders beside it (or under a model prefix)."""
+    return (folder / "config.yaml").is_file() and any(_model_folders(folder))
+
+
+def _model_folders(folder: Path) -> Iterable[Path]:
+    for current, subdirs, _ in os.walk(folder):
+        depth = len(Path(current).relative_to(folder).parts)
+        for name in (PYTORCH_MODELS, TENSORFLOW_MODELS):
+            if name in subdirs:
+                yield Path(current) / name
+        subdirs[:] = [d for d in subdirs if depth < MODEL_PREFIX_DEPTH and not d.startswith(".")]
+
+
+def find_projects(root: Path) -> tuple[list[Path], list[SkippedPath]]:
+    """Every PyTorch-engine project below ``root``; folders passed over are returned with the reason."""
+    root = Path(root).absolute()
+    projects: list[Path] = []
+    skipped: list[SkippedPath] = []
+
+    def unreadable(error: OSError) -> None:
+        skipped.append(SkippedPath(Path(error.filename), f"cannot be read ({error.strerror}); not searched", True))
+
+    for current, subdirs, _ in os.walk(root, onerror=unreadable):
+        here = Path(current)
+        for name in list(subdirs):
+            if (here / name).is_symlink():
+                subdirs.remove(name)
+                loop = not (here / name).exists() or (here / name).resolve() in (
+                    here.resolve(),
+                    *here.resolve().parents,
+                )
+                reason = "a symbolic link loop" if loop else "a symbolic link to a folder"
+                skipped.append(SkippedPath(here / name, f"{reason}; not followed"))
+        if is_project(here):
+            subdirs[:] = []  # a project's own folders hold no other projects
+            if any(f.name == PYTORCH_MODELS for f in _model_folders(here)):
+                projects.append(here)
+            else:
+                skipped.append(SkippedPath(here, "TensorFlow-only project: nothing for this tool"))
+        else:
+            subdirs[:] = [d for d in subdirs if not d.startswith(".") and d != names.TOOL_DIR_NAME]
+    return sorted(projects), skipped
+
+
+@dataclass
+class ArchiveReport:
+    """Every project's report, plus what was passed over, for one run (or several merged)."""
+
+    root: Path
+    shard: str = "1/1"
+    projects: list[ProjectReport] = field(default_factory=list)
+    skipped: list[SkippedPath] = field(default_factory=list)
+    failed_projects: list[tuple[Path, str]] = field(default_factory=list)
+    interrupted: bool = False
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for report in self.projects:
+            for result in report.results:
+                rows.append(
+                    {
+                        "project": str(report.project),
+                        "path": str(result.path),
+                        "status": result.status.value,
+                        "reason": result.describe(),
+                        "size": result.size,
+                        "sha256_before": result.sha256_before,
+                        "sha256_after": result.sha256_after,
+                        "seconds": round(result.seconds, 3),
+                    }
+                )
+        for project, reason in self.failed_projects:
+            rows.append(
+                {"project": str(project), "path": str(project), "status": Status.FAILED.value, "reason": reason}
+            )
+        return rows
+
+    def exit_code(self) -> ExitCode:
+        if self.failed_projects or any(r.exit_code() == ExitCode.PROBLEMS for r in self.projects):
+            return ExitCode.PROBLEMS
+        if any(s.problem for s in self.skipped) or self.interrupted:
+            return ExitCode.PROBLEMS
+        return ExitCode.OK
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for row in self.rows():
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no snapshots"
+        return (
+            f"archive {self.root} (shard {self.shard}): {len(self.projects)} projects, {text}, "
+            f"{len(self.skipped)} paths skipped" + (" — INTERRUPTED, run again to finish" if self.interrupted else "")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "shard": self.shard,
+            "interrupted": self.interrupted,
+            "snapshots": self.rows(),
+            "skipped": [{"path": str(s.path), "reason": s.reason, "problem": s.problem} for s in self.skipped],
+        }
+
+    def write_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def write_csv(self, path: Path) -> None:
+        write_rows_csv(self.rows(), path)
+
+
+def write_rows_csv(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    """One CSV row per snapshot, columns :data:`ROW_FIELDS`."""
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def merge_reports(paths: Iterable[Path]) -> dict[str, Any]:
+    """One report from per-shard JSON reports (rows of all shards, in project order)."""
+    merged: dict[str, Any] = {"root": None, "shards": [], "interrupted": False, "snapshots": [], "skipped": []}
+    for path in paths:
+        part = json.loads(Path(path).read_text(encoding="utf-8"))
+        merged["root"] = merged["root"] or part["root"]
+        merged["shards"].append(part["shard"])
+        merged["interrupted"] |= part["interrupted"]
+        merged["snapshots"] += part["snapshots"]
+        merged["skipped"] += part["skipped"]
+    merged["snapshots"].sort(key=lambda row: (row["project"], row["path"]))
+    return merged
+
+
+def _migrate_in_worker(project: Path, write: bool, options: MigrationOptions) -> ProjectReport | str:
+    """Runs in a worker process; a busy or unreadable project comes back as a reason string."""
+    try:
+        return migrate_project(project, write=write, options=options)
+    except ProjectBusyError as error:
+        return f"skipped: {error}"
+    except Exception as error:  # one broken project must not stop the archive
+        return f"failed: {type(error).__name__}: {error}"
+
+
+def migrate_archive(
+    root: Path,
+    *,
+    jobs: int = 1,
+    shard: Shard | None = None,
+    write: bool = True,
+    options: MigrationOptions | None = None,
+    on_plan: Callable[[list[Path]], None] | None = None,
+    on_project: Callable[[Path, ProjectReport | str], None] | None = None,
+) -> ArchiveReport:
+    """Migrate (or check) every project below ``root`` that this shard owns, ``jobs`` at a time.
+
+    On KeyboardInterrupt the pool is stopped: workers finish or abandon the snapshot they
+    are on (an abandoned one keeps its original; temp files are cleaned up by the next
+    run) and the report is marked interrupted.
+    """
+    shard = shard or Shard()
+    options = options or MigrationOptions()
+    root = Path(root).absolute()
+    projects, skipped = find_projects(root)
+    mine = [p for p in projects if shard.owns(str(p.relative_to(root)))]
+    report = ArchiveReport(root=root, shard=str(shard), skipped=skipped)
+    if on_plan is not None:
+        on_plan(mine)
+
+    def record(project: Path, outcome: ProjectReport | str) -> None:
+        if isinstance(outcome, ProjectReport):
+            report.projects.append(outcome)
+        elif outcome.startswith("skipped: "):
+            report.skipped.append(SkippedPath(project, outcome.removeprefix("skipped: "), problem=True))
+        else:
+            report.failed_projects.append((project, outcome.removeprefix("failed: ")))
+        if on_project is not None:
+            on_project(project, outcome)
+
+    if jobs <= 1:
+        try:
+            for project in mine:
+                record(project, _migrate_in_worker(project, write, options))
+        except KeyboardInterrupt:
+            report.interrupted = True
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs)
+        futures = {pool.submit(_migrate_in_worker, p, write, options): p for p in mine}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                record(futures[future], future.result())
+        except (KeyboardInterrupt, concurrent.futures.process.BrokenProcessPool):
+            report.interrupted = True
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            pool.shutdown(wait=True)
+    report.projects.sort(key=lambda r: r.project)
+    return report

@@ -1,0 +1,192 @@
+"""Lab archives: discovery below a folder, --jobs, reports, shards, locking, interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
+
+from dlc_snapshot_fix import load_snapshot, names
+from dlc_snapshot_fix.archive import Shard, find_projects
+from dlc_snapshot_fix.cli import main
+
+
+def prefixed_snapshots(project: Path, count: int = 2, floats: int = 0) -> list[Path]:
+    paths = []
+    for epoch in range(1, count + 1):
+        state = wrapped_state_dict(TinyPose(), "dp")
+        if floats:
+            state["module.backbone.extra"] = torch.randn(floats)
+        paths.append(save_snapshot(project / TRAIN / f"snapshot-{epoch:03d}.pt", state))
+    return paths
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "lab archive"
+    a = make_project(root / "2023" / "mouse A")
+    prefixed_snapshots(a)
+    b = make_project(root / "2024" / "nested" / "deeper" / "rat B", train="models/v2/" + TRAIN)
+    prefixed_snapshots(b.joinpath("models/v2"), count=1)
+    c = make_project(root / "2024" / "clean C")
+    save_snapshot(c / TRAIN / "snapshot-001.pt", TinyPose().state_dict())
+    (c / TRAIN / "snapshot-002.pt").write_bytes(b"")  # a broken one
+    tf = root / "old" / "tensorflow only"
+    (tf / "dlc-models/iteration-0/xNov22-trainset95shuffle1/train").mkdir(parents=True)
+    (tf / "config.yaml").write_text("Task: x\n")
+    (root / "locked").mkdir()
+    (root / "2023" / "loop").symlink_to(root)
+    return root
+
+
+def test_finds_projects_and_reports_what_it_cannot_search(archive: Path, monkeypatch: pytest.MonkeyPatch):
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as root, chmod cannot make a folder unreadable: inject EACCES
+        if Path(path) == archive / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    projects, skipped = find_projects(archive)
+    assert [p.relative_to(archive).as_posix() for p in projects] == [
+        "2023/mouse A",
+        "2024/clean C",
+        "2024/nested/deeper/rat B",
+    ]
+    reasons = {s.path.relative_to(archive).as_posix(): s.reason for s in skipped}
+    assert reasons["2023/loop"] == "a symbolic link loop; not followed"
+    assert reasons["old/tensorflow only"].startswith("TensorFlow-only project")
+    assert reasons["locked"].startswith("cannot be read (Permission denied)")
+
+
+def test_migrates_an_archive_with_two_jobs(archive: Path, tmp_path: Path):
+    report_json, report_csv = tmp_path / "report.json", tmp_path / "report.csv"
+    result = CliRunner().invoke(
+        main, [str(archive), "--jobs", "2", "--json", str(report_json), "--csv", str(report_csv)]
+    )
+    assert result.exit_code == 3, result.output  # the broken snapshot in "clean C"
+    rows = {
+        Path(r["path"]).relative_to(archive).as_posix(): r for r in json.loads(report_json.read_text())["snapshots"]
+    }
+    statuses = {path: row["status"] for path, row in rows.items()}
+    assert statuses == {
+        f"2023/mouse A/{TRAIN}/snapshot-001.pt": "fixed",
+        f"2023/mouse A/{TRAIN}/snapshot-002.pt": "fixed",
+        f"2024/clean C/{TRAIN}/snapshot-001.pt": "already clean",
+        f"2024/clean C/{TRAIN}/snapshot-002.pt": "failed",
+        f"2024/nested/deeper/rat B/models/v2/{TRAIN}/snapshot-001.pt": "fixed",
+    }
+    fixed = rows[f"2023/mouse A/{TRAIN}/snapshot-001.pt"]
+    assert fixed["project"] == str(archive / "2023" / "mouse A")
+    assert fixed["size"] > 0 and len(fixed["sha256_before"]) == 64 and fixed["sha256_after"] != fixed["sha256_before"]
+    assert "empty file" in rows[f"2024/clean C/{TRAIN}/snapshot-002.pt"]["reason"]
+    header = report_csv.read_text().splitlines()[0]
+    assert header == "project,path,status,reason,size,sha256_before,sha256_after,seconds"
+    assert len(report_csv.read_text().splitlines()) == 6
+    assert "3 projects, 1 already clean, 1 failed, 3 fixed, 2 paths skipped" in result.output
+
+
+def test_shards_cover_every_project_exactly_once_and_merge(tmp_path: Path):
+    root = tmp_path / "archive"
+    for i in range(9):
+        prefixed_snapshots(make_project(root / f"p{i}"), count=1)
+    reports = []
+    for index in (1, 2, 3):
+        path = tmp_path / f"shard{index}.json"
+        result = CliRunner().invoke(main, [str(root), "--shard", f"{index}/3", "--json", str(path), "-q"])
+        assert result.exit_code == 0, result.output
+        reports.append(path)
+    owners = [{r["project"] for r in json.loads(p.read_text())["snapshots"]} for p in reports]
+    assert sum(len(o) for o in owners) == 9 and set().union(*owners) == {str(root / f"p{i}") for i in range(9)}
+    assert all(owners)  # every shard got work with this stable hash
+    merged = CliRunner().invoke(main, ["merge-reports", *map(str, reports), "--json", str(tmp_path / "all.json")])
+    assert merged.exit_code == 0, merged.output
+    assert "merged 3 reports (shards 1/3, 2/3, 3/3): 9 snapshots, 0 failed" in merged.output
+    assert len(json.loads((tmp_path / "all.json").read_text())["snapshots"]) == 9
+
+
+def test_shard_from_slurm_array_variables():
+    assert Shard.parse(None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "5"}) == Shard(4, 5)
+    assert Shard.parse(
+        None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_MIN": "1"}
+    ) == Shard(4, 5)
+    assert Shard.parse("2/4", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "9"}) == Shard(1, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        Shard.parse("5/4", {})
+
+
+def test_a_project_another_run_holds_is_skipped_with_a_message(archive: Path):
+    busy = archive / "2023" / "mouse A"
+    names.tool_dir(busy).mkdir()
+    before = {p: p.read_bytes() for p in (busy / TRAIN).glob("*.pt")}
+    with filelock.FileLock(names.lock_path(busy)):
+        result = CliRunner().invoke(main, [str(archive), "--jobs", "2"])
+    assert result.exit_code == 3
+    assert "another dlc-snapshot-fix run holds" in result.output
+    assert {p: p.read_bytes() for p in (busy / TRAIN).glob("*.pt")} == before
+    assert list(
+        load_snapshot(archive / "2024/nested/deeper/rat B/models/v2" / TRAIN / "snapshot-001.pt")["model"]
+    ) == list(TinyPose().state_dict())
+
+
+def big_archive(root: Path, projects: int = 12) -> list[Path]:
+    snapshots = []
+    for i in range(projects):
+        snapshots += prefixed_snapshots(make_project(root / f"project {i:02d}"), count=2, floats=1_500_000)
+    return snapshots
+
+
+def states(paths: list[Path]) -> dict[Path, tuple[str, int]]:
+    """For each snapshot: "original" or "migrated" (anything else fails), and its mtime."""
+    result = {}
+    for path in paths:
+        keys = list(load_snapshot(path)["model"])
+        assert keys[0].startswith("module.") or keys == [*TinyPose().state_dict(), "backbone.extra"], path
+        result[path] = ("original" if keys[0].startswith("module.") else "migrated", path.stat().st_mtime_ns)
+    return result
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path, how: str):
+    root = tmp_path / "archive"
+    snapshots = big_archive(root)
+    command = [sys.executable, "-m", "dlc_snapshot_fix", str(root), "--jobs", "2", "--no-model-check"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    done = 0
+    while done < 3:  # let a few projects finish, then interrupt
+        line = run.stderr.readline()
+        assert line, "the run ended before it could be interrupted"
+        done += line.startswith("[")
+    if how == "SIGINT":
+        os.kill(run.pid, signal.SIGINT)  # Ctrl-C on the main process
+    else:
+        os.killpg(run.pid, signal.SIGKILL)  # the whole run, workers included
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode != 0
+    if how == "SIGINT":
+        assert "INTERRUPTED, run again to finish" in out
+
+    first = states(snapshots)  # every snapshot loads: original or migrated
+    finished = {p for p, (state, _) in first.items() if state == "migrated"}
+    assert finished and len(finished) < len(snapshots)
+    time.sleep(0.01)
+    rerun = subprocess.run([*command, "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    second = states(snapshots)
+    assert {state for state, _ in second.values()} == {"migrated"}
+    assert all(second[p] == first[p] for p in finished)  # not rewritten again
+    rows = {Path(r["path"]): r["status"] for r in json.loads((tmp_path / "r.json").read_text())["snapshots"]}
+    assert {p for p, status in rows.items() if status == "already clean"} == finished
+    leftovers = [p for p in root.rglob(".*.tmp")]
+    assert leftovers == []

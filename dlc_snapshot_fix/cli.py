@@ -93,6 +93,12 @@ def main() -> None:
     is_flag=True,
     help="Also rename the legacy snapshot-best.pt to snapshot-best-<epoch>.pt. DeepLabCut's scorer name changes.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["rewrite", "append"]),
+    help="rewrite: new file swapped in, original kept as a backup (default for a project). "
+    "append: append a new data.pkl and directory, kilobytes; undo truncates (default for an archive).",
+)
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Archive: projects migrated at once.")
 @click.option("--shard", metavar="I/N", help="Archive: take only shard I of N (default: SLURM array variables).")
 @click.option("--csv", "csv_path", metavar="FILE", help="Archive: also write one CSV row per snapshot to FILE.")
@@ -106,6 +112,7 @@ def migrate(
     trust: bool,
     fix_metadata: bool,
     rename_legacy_best: bool,
+    method: str | None,
     jobs: int,
     shard: str | None,
     csv_path: str | None,
@@ -132,10 +139,16 @@ def migrate(
             fg="yellow",
             err=True,
         )
+    looks_like_a_project = (project / "config.yaml").exists() or (project / "dlc-models-pytorch").exists()
+    archive = project.is_dir() and not looks_like_a_project
     options = MigrationOptions(
-        check_model=not no_model_check, trust=trust, fix_metadata=fix_metadata, rename_legacy_best=rename_legacy_best
+        check_model=not no_model_check,
+        trust=trust,
+        fix_metadata=fix_metadata,
+        rename_legacy_best=rename_legacy_best,
+        method=method or ("append" if archive else "rewrite"),
     )
-    if project.is_dir() and not (project / "config.yaml").exists():
+    if archive:
         _run_archive(project, jobs, shard, write, options, json_path, csv_path, quiet)
     _run(
         lambda: migrate_project(project, write=write, options=options),
@@ -166,6 +179,13 @@ def _run_archive(
         root, jobs=jobs, shard=shard, write=write, options=options, on_plan=progress.start, on_project=progress.done
     )
     progress.close()
+    if not report.projects and not report.failed_projects and not report.skipped:
+        click.secho(
+            f"error: no DeepLabCut project (a config.yaml beside dlc-models-pytorch) found in or below {root}",
+            fg="red",
+            err=True,
+        )
+        sys.exit(ExitCode.USAGE)
     if json_path:
         report.write_json(Path(json_path))
     if csv_path:

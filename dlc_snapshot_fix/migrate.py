@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import filelock
+import torch
 
-from dlc_snapshot_fix import names, store, transforms
+from dlc_snapshot_fix import names, pickled, store, transforms, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
 from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
@@ -40,6 +42,9 @@ class MigrationOptions:
     """Turn numpy scalars in ``metadata`` into plain numbers (3.0.0rc5 and older)."""
     rename_legacy_best: bool = False
     """Rename ``snapshot-best.pt`` to ``snapshot-best-<epoch>.pt`` (changes DeepLabCut's scorer name)."""
+    method: str = "rewrite"
+    """``rewrite``: keep the original, write a new file, swap it in. ``append``: append a new
+    ``data.pkl`` and directory (kilobytes; undo = truncate); falls back to ``rewrite`` where it cannot."""
 
 
 def migrate_project(
@@ -87,7 +92,30 @@ class _ProjectWriter:
             folders = [*self.inventory.model_folders, *_folders_below(names.tool_dir(project))]
             if removed := store.remove_stale_temps(folders):
                 self.report.warnings.append(f"removed {removed} temp file(s) left by an interrupted run")
+            for undone in _finish_interrupted_appends(self._manifest, project):
+                self.report.warnings.append(f"undid an interrupted append to {undone}")
         return self._manifest
+
+
+def _finish_interrupted_appends(manifest: store.Manifest, project: Path) -> list[str]:
+    """Settle appends a killed run left unconfirmed: completed ones are done, partial ones are truncated away."""
+    undone = []
+    for entry in manifest.entries:
+        if entry.backup_method != "append" or entry.state not in ("pending", "writing"):
+            continue
+        path, size = project / entry.path, entry.original_size or 0
+        if not path.is_file() or store.end_sha256(path, size) != entry.original_end_sha256:
+            continue  # replaced or changed since: not ours to touch
+        if path.stat().st_size == size:
+            entry.state = "restored"
+        elif zipappend.append_completed(path, size):
+            entry.state = "done"
+        else:
+            zipappend.truncate(path, size)
+            entry.state = "restored"
+            undone.append(entry.path)
+        manifest.save()
+    return undone
 
 
 def _folders_below(root: Path) -> list[Path]:
@@ -103,9 +131,9 @@ def restore_project(path: Path, *, on_result: Callable[[SnapshotResult], None] |
         return report
     with _project_lock(inventory.project):
         manifest = store.Manifest(inventory.project)
-        latest = {entry.path: entry for entry in manifest.entries}
-        for entry in latest.values():
-            _record(report, _restore_one(inventory.project, manifest, entry), on_result)
+        for entry in reversed(manifest.entries):  # newest first: stacked changes unwind in order
+            if entry.state != "restored":
+                _record(report, _restore_one(inventory.project, manifest, entry), on_result)
     return report
 
 
@@ -149,11 +177,25 @@ class _Plan:
     destination: Path
     hints: list[str]
     """Problems DeepLabCut will still have with the result, and the option that fixes each."""
+    append: tuple[zipappend.ZipLayout, bytes] | None = None
+    """For the fast path: the original's layout and the new ``data.pkl``; ``None`` for a full rewrite."""
 
 
 def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
-    """Load and transform (pure after the load); raises on a file that cannot be handled."""
-    snapshot = load_snapshot(snapshot_file.path, trust=options.trust)
+    """Read and transform (pure after the read); the fast path where asked and possible, else a full load."""
+    if options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best):
+        with contextlib.suppress(zipappend.NotAppendable, pickled.NotRecordable, OSError):
+            layout = zipappend.read_layout(snapshot_file.path)
+            records, order = pickled.loads(zipappend.read_member(snapshot_file.path, layout, layout.pickle_record()))
+            plan = _transform(snapshot_file, records, options)
+            if plan.changes:
+                plan.append = (layout, pickled.dumps(plan.fixed, order))
+            return plan
+    return _transform(snapshot_file, load_snapshot(snapshot_file.path, trust=options.trust), options)
+
+
+def _transform(snapshot_file: SnapshotFile, snapshot: dict, options: MigrationOptions) -> _Plan:
+    """Pure: every change the options ask for, applied to a loaded (or recorded) snapshot."""
     fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
     hints: list[str] = []
     changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
@@ -206,7 +248,9 @@ def _migrate_one(
         result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
     if plan.changes:
         result.status = Status.NEEDS_FIX
-        if writer is not None:
+        if writer is not None and plan.append is not None:
+            _append(result, project, manifest, plan)
+        elif writer is not None:
             _rewrite(result, project, manifest, plan, options.trust)
     result.seconds = time.perf_counter() - started
     return result
@@ -256,6 +300,75 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
     result.status = Status.FIXED
 
 
+def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan) -> None:
+    """The fast path: journal in the manifest, append, read the new pickle back; on a difference, truncate."""
+    assert plan.append is not None
+    layout, new_pickle = plan.append
+    path = result.path
+    try:
+        body, end = zipappend.build_tail(layout, new_pickle)
+        store.ensure_space(path.parent, len(body) + len(end))
+        entry = manifest.add(
+            path,
+            path,
+            None,
+            "append",
+            "; ".join(plan.changes),
+            original_size=layout.size,
+            original_end_sha256=store.end_sha256(path, layout.size),
+        )
+        entry.state = "writing"
+        manifest.save()  # the journal: path, original size and fingerprint, durable before the first byte
+        zipappend.append(path, layout.size, body, end)
+    except Exception as error:
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        result.status = Status.FAILED
+        result.reason = f"could not append ({detail}); run again to finish (a partial append is undone first)"
+        return
+    result.backup = None
+    problems = _append_read_back(path, layout, new_pickle, plan.fixed)
+    if problems:
+        zipappend.truncate(path, layout.size)
+        entry.state = "restored"
+        manifest.save()
+        result.status = Status.FAILED
+        result.reason = f"read-back differed ({problems[0]}); the append was truncated away"
+        return
+    entry.state = "done"
+    manifest.save()
+    result.status = Status.FIXED
+
+
+def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes, expected: dict) -> list[str]:
+    """torch does not checksum data.pkl: check the directory points at the new pickle and torch loads it as meant."""
+    try:
+        new_layout = zipappend.read_layout(path)
+        record = new_layout.pickle_record()
+        if record.header_offset != layout.size or zipappend.read_member(path, new_layout, record) != new_pickle:
+            return ["the directory does not point at the new data.pkl"]
+        if [r.name for r in new_layout.records] != [r.name for r in layout.records]:
+            return ["the directory lists other members"]
+        loaded = load_snapshot(path)  # memory-mapped: reads the pickle, maps the tensors without reading them
+    except (zipappend.NotAppendable, SnapshotReadError, OSError) as error:
+        return [f"the appended file does not read back: {error}"]
+    return _compare_to_records(expected, loaded)
+
+
+def _compare_to_records(expected: Any, loaded: Any, where: str = "snapshot") -> list[str]:
+    """Like ``compare_snapshots``, but a recorded tensor is compared by dtype-free shape and storage key."""
+    if isinstance(expected, pickled.TensorRecord):
+        if not isinstance(loaded, torch.Tensor) or tuple(loaded.shape) != tuple(expected.shape):
+            return [f"{where}: tensor differs"]
+        return []
+    if isinstance(expected, dict) and isinstance(loaded, dict):
+        if list(expected) != list(loaded):
+            return [f"{where}: keys differ"]
+        if getattr(expected, "_metadata", None) != getattr(loaded, "_metadata", None):
+            return [f"{where}: _metadata differs"]
+        return [p for key in expected for p in _compare_to_records(expected[key], loaded[key], f"{where}[{key!r}]")]
+    return compare_snapshots(expected, loaded, where)
+
+
 def _undo(entry: store.ManifestEntry, project: Path) -> None:
     """Put the original back where it was, and remove a renamed copy."""
     original_path = project / (entry.renamed_from or entry.path)
@@ -274,6 +387,13 @@ def _restore_one(project: Path, manifest: store.Manifest, entry: store.ManifestE
     result.sha256_before = entry.sha256_before
     if entry.state == "restored":
         result.reason = "already restored"
+        return result
+    if entry.backup_method == "append":
+        _restore_append(result, entry, path)
+        if result.status != Status.FAILED:
+            entry.state = "restored"
+            manifest.save()
+        result.seconds = time.perf_counter() - started
         return result
     current = store.sha256_of(path) if path.exists() else None
     original_in_place = original_path.exists() and (
@@ -301,6 +421,20 @@ def _restore_one(project: Path, manifest: store.Manifest, entry: store.ManifestE
         manifest.save()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _restore_append(result: SnapshotResult, entry: store.ManifestEntry, path: Path) -> None:
+    """Undo an append by truncating to the original size, once the original's end is seen intact."""
+    size = entry.original_size or 0
+    result.backup = None
+    if not path.is_file() or path.stat().st_size < size or store.end_sha256(path, size) != entry.original_end_sha256:
+        result.status = Status.FAILED
+        result.reason = "changed since this tool appended to it (its original part differs); not restored"
+    elif path.stat().st_size == size:
+        result.reason = "already holds its original bytes"
+    else:
+        zipappend.truncate(path, size)
+        result.status = Status.RESTORED
 
 
 def _failure_reason(error: Exception) -> str:

@@ -168,7 +168,7 @@ class ProjectReport:
             lines.append((f"  {'skipped':<14} {self._relative(skipped.path)}: {skipped.reason}", colour))
         counts = (
             ", ".join(f"{self.count(status)} {status.value}" for status in Status if self.count(status))
-            or "no snapshots found"
+            or ("nothing to restore" if self.action == "restore" else "no snapshots found")
         )
         if self.skipped:
             counts += f", {len(self.skipped)} paths skipped"

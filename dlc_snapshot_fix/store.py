@@ -42,6 +42,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+END_WINDOW = 64 * 1024
+
+
+def end_sha256(path: Path, size: int) -> str:
+    """sha256 of bytes ``[size - 64 KiB, size)``: a torch zip's central directory, which holds every member's CRC."""
+    with open(path, "rb") as stream:
+        stream.seek(max(0, size - END_WINDOW))
+        return hashlib.sha256(stream.read(min(size, END_WINDOW))).hexdigest()
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename or link in ``folder`` durable (a no-op where folders cannot be opened)."""
     with contextlib.suppress(OSError):
@@ -205,14 +215,19 @@ class ManifestEntry:
     path: str
     """The snapshot, relative to the project."""
     backup: str
-    """The kept original, relative to the project."""
-    sha256_before: str
+    """The kept original, relative to the project (for ``append``: the snapshot itself, whose first bytes it is)."""
+    sha256_before: str | None
+    """The original's sha256 (``None`` for ``append``, which does not read the tensor bytes)."""
     sha256_after: str | None
     backup_method: str
     tool_version: str
     time: str
     change: str
     renamed_from: str | None = None
+    original_size: int | None = None
+    """``append`` only: the original's size; truncating to it gives back the original."""
+    original_end_sha256: str | None = None
+    """``append`` only: sha256 of the original's last 64 KiB (its central directory, with every member's CRC)."""
     """For a rename, the original path (relative to the project); ``path`` is then the new one."""
     state: str = "pending"
     """``pending``: original kept, new file not yet written. ``writing``: new file written
@@ -245,13 +260,17 @@ class Manifest:
         self,
         snapshot: Path,
         backup: Path,
-        sha256_before: str,
+        sha256_before: str | None,
         backup_method: str,
         change: str,
         renamed_from: Path | None = None,
+        original_size: int | None = None,
+        original_end_sha256: str | None = None,
     ) -> ManifestEntry:
         entry = ManifestEntry(
             renamed_from=str(renamed_from.relative_to(self.project)) if renamed_from else None,
+            original_size=original_size,
+            original_end_sha256=original_end_sha256,
             path=str(snapshot.relative_to(self.project)),
             backup=str(backup.relative_to(self.project)),
             sha256_before=sha256_before,

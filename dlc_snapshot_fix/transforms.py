@@ -16,6 +16,10 @@ import numpy as np
 import torch
 
 from dlc_snapshot_fix import keys
+from dlc_snapshot_fix.pickled import TensorRecord
+
+TENSOR_TYPES = (torch.Tensor, TensorRecord)
+"""What a state dict value may be: a loaded tensor, or one recorded from the pickle (fast path)."""
 
 
 class SnapshotFormatError(ValueError):
@@ -38,7 +42,7 @@ def state_dict_of(snapshot: Mapping[str, Any], entry: str) -> Mapping[str, Any]:
         raise SnapshotFormatError(
             f"{entry!r} is a {type(state_dict).__name__}, not a state dict (a mapping of names to tensors)"
         )
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, TENSOR_TYPES)]
     if not_tensors:
         raise SnapshotFormatError(
             f"{entry!r} holds {len(not_tensors)} values that are not tensors (first: {not_tensors[0]!r})"

@@ -150,10 +150,14 @@ def test_bad_snapshots_fail_alone_and_stay_untouched(project: Path, snapshots: d
     assert "snapshot-007.pt" in result.output and "restore it from a backup" in result.output
 
 
-def test_not_a_project_is_a_usage_error(tmp_path: Path):
+def test_a_folder_without_any_project_is_a_usage_error(tmp_path: Path):
     result = CliRunner().invoke(main, [str(tmp_path)])
     assert result.exit_code == 2
-    assert "no config.yaml" in result.output
+    assert "no DeepLabCut project (a config.yaml beside dlc-models-pytorch) found" in result.output
+    (tmp_path / "dlc-models-pytorch").mkdir()  # a project that lost its config.yaml
+    result = CliRunner().invoke(main, [str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no config.yaml here" in result.output
 
 
 def test_a_second_run_on_a_busy_project_stops(project: Path, snapshots: dict[str, Path]):

@@ -1,0 +1,223 @@
+"""Migrate a snapshot by appending kilobytes: a new ``data.pkl`` and central directory.
+
+A ``torch.save`` file is a stored zip whose readers find members through the central
+directory at its end. Appending a new ``data.pkl`` record, then a full central directory
+that lists the same members in the same order with only ``data.pkl`` pointing at the new
+record, then the end records, gives a file that torch loads with the new key names and
+the untouched tensor bytes. Bytes ``[0, S)`` (``S`` = original size) are never written,
+so truncating to ``S`` gives back the original exactly.
+
+Crash safety rests on how zip readers find the end record: they search backwards
+through the last 64 KiB for a complete one. While the new end records are missing or
+incomplete, the original end record (at ``S - 22``) is found as long as everything
+appended before it stays within that window; :data:`MAX_TAIL` enforces that (larger
+pickles use the full rewrite instead). Everything but the end records is fsynced before
+the end records are written in one ``write`` and fsynced again.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+EOCD = struct.Struct("<IHHHHIIH")  # end of central directory
+EOCD_SIG = 0x06054B50
+ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
+ZIP64_EOCD_SIG = 0x06064B50
+ZIP64_LOCATOR = struct.Struct("<IIQI")
+ZIP64_LOCATOR_SIG = 0x07064B50
+CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+CENTRAL_SIG = 0x02014B50
+LOCAL = struct.Struct("<IHHHHHIIIHH")
+LOCAL_SIG = 0x04034B50
+ZIP64_EXTRA_ID = 0x0001
+U32 = 0xFFFFFFFF
+
+SEARCH_WINDOW = 65535 + EOCD.size
+"""How far from the end zip readers (Python's zipfile, torch's miniz) look for the end record."""
+MAX_TAIL = 60 * 1024
+"""The most this writes before its end records: keeps the original end record findable throughout."""
+
+
+class NotAppendable(Exception):
+    """This file cannot take the fast path (layout, size); the full rewrite handles it."""
+
+
+@dataclass(frozen=True)
+class CentralRecord:
+    raw: bytes
+    name: str
+    header_offset: int
+
+
+@dataclass(frozen=True)
+class ZipLayout:
+    """What the append needs to know about a torch zip: its size and its central directory."""
+
+    size: int
+    records: list[CentralRecord]
+
+    def pickle_record(self) -> CentralRecord:
+        pickles = [r for r in self.records if r.name.endswith("/data.pkl") or r.name == "data.pkl"]
+        if len(pickles) != 1:
+            raise NotAppendable(f"expected one data.pkl member, found {len(pickles)}")
+        return pickles[0]
+
+
+def read_layout(path: Path) -> ZipLayout:
+    """Parse the end records and central directory; refuse anything but a plain torch zip."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        window = min(size, SEARCH_WINDOW)
+        stream.seek(size - window)
+        tail = stream.read(window)
+        at = tail.rfind(struct.pack("<I", EOCD_SIG))
+        if at < 0 or at + EOCD.size != len(tail):
+            raise NotAppendable("no end record at the very end (a comment or trailing bytes)")
+        _, disk, _, _, count, cd_size, cd_offset, comment = EOCD.unpack_from(tail, at)
+        if disk or comment:
+            raise NotAppendable("multi-disk zip or zip comment")
+        if at >= ZIP64_LOCATOR.size:
+            sig, _, zip64_offset, _ = ZIP64_LOCATOR.unpack_from(tail, at - ZIP64_LOCATOR.size)
+            if sig == ZIP64_LOCATOR_SIG:
+                stream.seek(zip64_offset)
+                fields = ZIP64_EOCD.unpack(stream.read(ZIP64_EOCD.size))
+                if fields[0] != ZIP64_EOCD_SIG:
+                    raise NotAppendable("broken zip64 end record")
+                count, cd_size, cd_offset = fields[7], fields[8], fields[9]
+        stream.seek(cd_offset)
+        directory = stream.read(cd_size)
+    if len(directory) != cd_size:
+        raise NotAppendable("central directory runs past the end of the file")
+    records, position = [], 0
+    for _ in range(count):
+        fields = CENTRAL.unpack_from(directory, position)
+        if fields[0] != CENTRAL_SIG:
+            raise NotAppendable("central directory record without its signature")
+        name_len, extra_len, comment_len = fields[10], fields[11], fields[12]
+        end = position + CENTRAL.size + name_len + extra_len + comment_len
+        raw = directory[position:end]
+        name = raw[CENTRAL.size : CENTRAL.size + name_len].decode("utf-8")
+        extra = raw[CENTRAL.size + name_len : CENTRAL.size + name_len + extra_len]
+        records.append(CentralRecord(raw, name, _zip64_values(fields, extra)[2]))
+        position = end
+    return ZipLayout(size, records)
+
+
+def _zip64_values(fields: tuple, extra: bytes) -> tuple[int, int, int]:
+    """(uncompressed size, compressed size, local header offset), read through a zip64 extra where used."""
+    usize, csize, offset = fields[9], fields[8], fields[16]
+    values = iter(())
+    for field_id, data in _extra_fields(extra):
+        if field_id == ZIP64_EXTRA_ID:
+            values = iter(struct.unpack(f"<{len(data) // 8}Q", data[: len(data) // 8 * 8]))
+    if usize == U32:
+        usize = next(values)
+    if csize == U32:
+        csize = next(values)
+    if offset == U32:
+        offset = next(values)
+    return usize, csize, offset
+
+
+def _extra_fields(extra: bytes) -> list[tuple[int, bytes]]:
+    fields, position = [], 0
+    while position + 4 <= len(extra):
+        field_id, length = struct.unpack_from("<HH", extra, position)
+        fields.append((field_id, extra[position + 4 : position + 4 + length]))
+        position += 4 + length
+    return fields
+
+
+def read_member(path: Path, layout: ZipLayout, record: CentralRecord) -> bytes:
+    """A stored member's bytes, found through its local header."""
+    fields = CENTRAL.unpack_from(record.raw)
+    extra = record.raw[CENTRAL.size + fields[10] : CENTRAL.size + fields[10] + fields[11]]
+    _, csize, _ = _zip64_values(fields, extra)
+    if fields[4] != 0:
+        raise NotAppendable(f"{record.name} is compressed")
+    with open(path, "rb") as stream:
+        stream.seek(record.header_offset)
+        local = LOCAL.unpack(stream.read(LOCAL.size))
+        if local[0] != LOCAL_SIG:
+            raise NotAppendable(f"{record.name}: no local header where the directory says")
+        stream.seek(record.header_offset + LOCAL.size + local[9] + local[10])
+        return stream.read(csize)
+
+
+def build_tail(layout: ZipLayout, new_pickle: bytes) -> tuple[bytes, bytes]:
+    """(the new data.pkl record and central directory, the end records) to append at ``layout.size``."""
+    old = layout.pickle_record()
+    fields = list(CENTRAL.unpack_from(old.raw))
+    name = old.raw[CENTRAL.size : CENTRAL.size + fields[10]]
+    old_extra = old.raw[CENTRAL.size + fields[10] : CENTRAL.size + fields[10] + fields[11]]
+    kept_extra = b"".join(struct.pack("<HH", i, len(d)) + d for i, d in _extra_fields(old_extra) if i != ZIP64_EXTRA_ID)
+    offset, crc, size = layout.size, zlib.crc32(new_pickle), len(new_pickle)
+    big_offset = offset >= U32
+    central_extra = kept_extra + (struct.pack("<HHQ", ZIP64_EXTRA_ID, 8, offset) if big_offset else b"")
+    # version made by, version needed, flags (no data descriptor), method stored, time, date: as before
+    local = LOCAL.pack(LOCAL_SIG, fields[2], fields[3] & ~0x8, 0, fields[5], fields[6], crc, size, size, len(name), 0)
+    fields[3] &= ~0x8
+    fields[7:10] = [crc, size, size]
+    fields[11] = len(central_extra)
+    fields[16] = U32 if big_offset else offset
+    comment = old.raw[CENTRAL.size + fields[10] + len(old_extra) :]
+    new_record = CENTRAL.pack(*fields) + name + central_extra + comment
+    directory = b"".join(new_record if r is old else r.raw for r in layout.records)
+    body = local + name + new_pickle
+    cd_offset = offset + len(body)
+    zip64_at = cd_offset + len(directory)
+    count = len(layout.records)
+    end = (
+        ZIP64_EOCD.pack(ZIP64_EOCD_SIG, ZIP64_EOCD.size - 12, 45, 45, 0, 0, count, count, len(directory), cd_offset)
+        + ZIP64_LOCATOR.pack(ZIP64_LOCATOR_SIG, 0, zip64_at, 1)
+        + EOCD.pack(
+            EOCD_SIG, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(len(directory), U32), min(cd_offset, U32), 0
+        )
+    )
+    return body + directory, end
+
+
+def append(path: Path, expected_size: int, body: bytes, end: bytes) -> None:
+    """Append ``body`` (fsynced) then ``end`` (one write, fsynced) at ``expected_size``; never writes before it."""
+    if len(body) > MAX_TAIL:
+        raise NotAppendable(f"the new pickle and directory take {len(body)} bytes, over {MAX_TAIL}")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if os.fstat(fd).st_size != expected_size:
+            raise NotAppendable("the file changed size since it was read")
+        os.lseek(fd, expected_size, os.SEEK_SET)
+        _write_all(fd, body)
+        os.fsync(fd)
+        _write_all(fd, end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def truncate(path: Path, size: int) -> None:
+    """Undo (or clean up a crashed) append: back to the original ``size`` bytes, durably."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_completed(path: Path, original_size: int) -> bool:
+    """Whether the file ends with a complete directory whose data.pkl is the one appended at ``original_size``."""
+    try:
+        layout = read_layout(path)
+        return layout.pickle_record().header_offset == original_size
+    except (NotAppendable, OSError, struct.error, UnicodeDecodeError):
+        return False

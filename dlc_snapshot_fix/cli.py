@@ -99,6 +99,7 @@ def main() -> None:
     help="rewrite: new file swapped in, original kept as a backup (default for a project). "
     "append: append a new data.pkl and directory, kilobytes; undo truncates (default for an archive).",
 )
+@click.option("--hash", "hash_files", is_flag=True, help="append: also report whole-file sha256 (reads every byte).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Archive: projects migrated at once.")
 @click.option("--shard", metavar="I/N", help="Archive: take only shard I of N (default: SLURM array variables).")
 @click.option("--csv", "csv_path", metavar="FILE", help="Archive: also write one CSV row per snapshot to FILE.")
@@ -113,6 +114,7 @@ def migrate(
     fix_metadata: bool,
     rename_legacy_best: bool,
     method: str | None,
+    hash_files: bool,
     jobs: int,
     shard: str | None,
     csv_path: str | None,
@@ -147,6 +149,7 @@ def migrate(
         fix_metadata=fix_metadata,
         rename_legacy_best=rename_legacy_best,
         method=method or ("append" if archive else "rewrite"),
+        hash_files=hash_files,
     )
     if archive:
         _run_archive(project, jobs, shard, write, options, json_path, csv_path, quiet)

@@ -42,6 +42,8 @@ class MigrationOptions:
     """Turn numpy scalars in ``metadata`` into plain numbers (3.0.0rc5 and older)."""
     rename_legacy_best: bool = False
     """Rename ``snapshot-best.pt`` to ``snapshot-best-<epoch>.pt`` (changes DeepLabCut's scorer name)."""
+    hash_files: bool = False
+    """``append`` only: also compute whole-file sha256 before and after (reads every byte; rewrite always does)."""
     method: str = "rewrite"
     """``rewrite``: keep the original, write a new file, swap it in. ``append``: append a new
     ``data.pkl`` and directory (kilobytes; undo = truncate); falls back to ``rewrite`` where it cannot."""
@@ -67,6 +69,8 @@ def migrate_project(
     checker = ModelChecker(enabled=options.check_model)
     with contextlib.ExitStack() as cleanup:
         writer = _ProjectWriter(inventory, report, cleanup) if write else None
+        if writer is not None and store.stale_temps(writer.temp_folders()):
+            writer.manifest()  # an interrupted run left debris: take the lock and clean it up
         for snapshot_file in inventory.snapshots:
             _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, options), on_result)
     return report
@@ -89,12 +93,15 @@ class _ProjectWriter:
             project = self.inventory.project
             self._cleanup.enter_context(_project_lock(project))
             self._manifest = store.Manifest(project)
-            folders = [*self.inventory.model_folders, *_folders_below(names.tool_dir(project))]
-            if removed := store.remove_stale_temps(folders):
+            if removed := store.remove_stale_temps(self.temp_folders()):
                 self.report.warnings.append(f"removed {removed} temp file(s) left by an interrupted run")
             for undone in _finish_interrupted_appends(self._manifest, project):
                 self.report.warnings.append(f"undid an interrupted append to {undone}")
         return self._manifest
+
+    def temp_folders(self) -> list[Path]:
+        """Where a run of ours writes temp files: the snapshot folders and the tool's own folder."""
+        return [*self.inventory.model_folders, *_folders_below(names.tool_dir(self.inventory.project))]
 
 
 def _finish_interrupted_appends(manifest: store.Manifest, project: Path) -> list[str]:
@@ -249,7 +256,7 @@ def _migrate_one(
     if plan.changes:
         result.status = Status.NEEDS_FIX
         if writer is not None and plan.append is not None:
-            _append(result, project, manifest, plan)
+            _append(result, project, manifest, plan, options.hash_files)
         elif writer is not None:
             _rewrite(result, project, manifest, plan, options.trust)
     result.seconds = time.perf_counter() - started
@@ -300,7 +307,7 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
     result.status = Status.FIXED
 
 
-def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan) -> None:
+def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, hash_files: bool) -> None:
     """The fast path: journal in the manifest, append, read the new pickle back; on a difference, truncate."""
     assert plan.append is not None
     layout, new_pickle = plan.append
@@ -308,10 +315,11 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
     try:
         body, end = zipappend.build_tail(layout, new_pickle)
         store.ensure_space(path.parent, len(body) + len(end))
+        result.sha256_before = store.sha256_of(path) if hash_files else None
         entry = manifest.add(
             path,
             path,
-            None,
+            result.sha256_before,
             "append",
             "; ".join(plan.changes),
             original_size=layout.size,
@@ -334,6 +342,8 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
         result.status = Status.FAILED
         result.reason = f"read-back differed ({problems[0]}); the append was truncated away"
         return
+    if hash_files:
+        result.sha256_after = entry.sha256_after = store.sha256_of(path)
     entry.state = "done"
     manifest.save()
     result.status = Status.FIXED

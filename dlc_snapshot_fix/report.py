@@ -166,9 +166,8 @@ class ProjectReport:
         for skipped in self.skipped:
             colour = "red" if skipped.problem else "yellow"
             lines.append((f"  {'skipped':<14} {self._relative(skipped.path)}: {skipped.reason}", colour))
-        counts = (
-            ", ".join(f"{self.count(status)} {status.value}" for status in Status if self.count(status))
-            or ("nothing to restore" if self.action == "restore" else "no snapshots found")
+        counts = ", ".join(f"{self.count(status)} {status.value}" for status in Status if self.count(status)) or (
+            "nothing to restore" if self.action == "restore" else "no snapshots found"
         )
         if self.skipped:
             counts += f", {len(self.skipped)} paths skipped"

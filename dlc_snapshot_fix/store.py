@@ -124,15 +124,22 @@ def ensure_writable(folder: Path) -> None:
         raise OSError(code, f"{os.strerror(code)}: cannot write in {folder}")
 
 
+def stale_temps(folders: list[Path]) -> list[Path]:
+    """Temp files of ours in ``folders``: left by an interrupted run, unless another run is writing now."""
+    return [
+        entry
+        for folder in folders
+        for entry in folder.glob(".*" + names.TEMP_SUFFIX)
+        if names.is_temp_name(entry.name) and entry.is_file()
+    ]
+
+
 def remove_stale_temps(folders: list[Path]) -> int:
     """Delete temp files an interrupted run left; call only while holding the project's lock."""
-    removed = 0
-    for folder in folders:
-        for entry in folder.glob(".*" + names.TEMP_SUFFIX):
-            if names.is_temp_name(entry.name) and entry.is_file():
-                entry.unlink(missing_ok=True)
-                removed += 1
-    return removed
+    stale = stale_temps(folders)
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_temp(

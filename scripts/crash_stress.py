@@ -6,7 +6,7 @@ each backup it lists has the original's sha256; and a rerun completes, after whi
 restore gives back byte-identical originals. Prints the trial count and every failure;
 exits 1 if there was one.
 
-    python scripts/crash_stress.py --trials 200 --seed 1
+    python scripts/crash_stress.py --trials 200 --seed 2026 [--method append]
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ CHILD = """
 import sys
 from dlc_snapshot_fix import migrate_project
 print("READY", flush=True)
-for project in sys.argv[1:]:
-    migrate_project(project, check_model=False)
+for project in sys.argv[2:]:
+    migrate_project(project, check_model=False, method=sys.argv[1])
 print("DONE", flush=True)
 """
 
@@ -82,7 +82,7 @@ def content_state(original: dict, current: dict) -> str | None:
     return None
 
 
-def check_trial(projects: list[Path], originals: dict[str, dict], shas: dict[str, str]) -> list[str]:
+def check_trial(projects: list[Path], originals: dict[str, dict], shas: dict[str, str], method: str) -> list[str]:
     problems = []
     for project in projects:
         for path in snapshot_files(project):
@@ -102,7 +102,7 @@ def check_trial(projects: list[Path], originals: dict[str, dict], shas: dict[str
             except Exception as error:
                 problems.append(f"{project.name}: manifest unreadable ({error})")
                 entries = []
-            for entry in entries:
+            for entry in (e for e in entries if e["backup_method"] != "append"):  # append: the file is the backup
                 backup = project / entry["backup"]
                 if entry["state"] == "done" and not backup.exists():
                     problems.append(f"{project.name}: backup {backup.name} of a rewritten snapshot is missing")
@@ -111,7 +111,7 @@ def check_trial(projects: list[Path], originals: dict[str, dict], shas: dict[str
     if problems:
         return problems
     for project in projects:  # the rerun finishes the job
-        report = migrate_project(project, check_model=False)
+        report = migrate_project(project, check_model=False, method=method)
         if any(r.status not in (Status.FIXED, Status.CLEAN) for r in report.results):
             problems.append(f"{project.name}: rerun did not finish: {[r.describe() for r in report.results]}")
         for path in snapshot_files(project):
@@ -124,10 +124,13 @@ def check_trial(projects: list[Path], originals: dict[str, dict], shas: dict[str
     return problems
 
 
-def run_child(projects: list[Path], kill_after: float | None) -> tuple[bool, float]:
+def run_child(projects: list[Path], kill_after: float | None, method: str) -> tuple[bool, float]:
     """Migrate in a child process, SIGKILLed ``kill_after`` s after its imports; (killed?, seconds run)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *map(str, projects)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [sys.executable, "-c", CHILD, method, *map(str, projects)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert child.stdout.readline().strip() == "READY"
     started = time.perf_counter()
@@ -149,6 +152,7 @@ def main() -> int:
     parser.add_argument("--snapshots", type=int, default=3, help="per project")
     parser.add_argument("--size-mb", type=float, default=8.0, help="of each snapshot")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--method", choices=["rewrite", "append"], default="rewrite")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -160,7 +164,7 @@ def main() -> int:
 
         calibration = Path(scratch) / "calibration"
         shutil.copytree(template, calibration)
-        _, full_run = run_child([calibration / p.name for p in template_projects], kill_after=None)
+        _, full_run = run_child([calibration / p.name for p in template_projects], None, args.method)
         shutil.rmtree(calibration)
 
         failures, killed_count = [], 0
@@ -169,14 +173,17 @@ def main() -> int:
             shutil.copytree(template, trial_dir)
             projects = [trial_dir / p.name for p in template_projects]
             kill_after = rng.uniform(0, full_run)
-            killed_count += run_child(projects, kill_after)[0]
-            problems = check_trial(projects, originals, shas)
+            killed_count += run_child(projects, kill_after, args.method)[0]
+            problems = check_trial(projects, originals, shas, args.method)
             if problems:
                 failures.append((trial, kill_after, problems))
                 print(f"trial {trial} (kill after {kill_after:.3f}s): FAILED", *problems, sep="\n  ", flush=True)
             shutil.rmtree(trial_dir)
 
-    print(f"trials: {args.trials}, killed mid-run: {killed_count}, full run: {full_run:.2f}s, seed: {args.seed}")
+    print(
+        f"method: {args.method}, trials: {args.trials}, killed mid-run: {killed_count}, "
+        f"full run: {full_run:.2f}s, seed: {args.seed}"
+    )
     print(f"lost or corrupted: {len(failures)} of {args.trials} trials")
     return 1 if failures else 0
 

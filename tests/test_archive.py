@@ -73,7 +73,7 @@ def test_finds_projects_and_reports_what_it_cannot_search(archive: Path, monkeyp
 def test_migrates_an_archive_with_two_jobs(archive: Path, tmp_path: Path):
     report_json, report_csv = tmp_path / "report.json", tmp_path / "report.csv"
     result = CliRunner().invoke(
-        main, [str(archive), "--jobs", "2", "--json", str(report_json), "--csv", str(report_csv)]
+        main, [str(archive), "--jobs", "2", "--hash", "--json", str(report_json), "--csv", str(report_csv)]
     )
     assert result.exit_code == 3, result.output  # the broken snapshot in "clean C"
     rows = {

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-import torch
 
 from dlc_snapshot_fix import names, pickled, store, transforms, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
@@ -73,6 +72,8 @@ def migrate_project(
             writer.manifest()  # an interrupted run left debris: take the lock and clean it up
         for snapshot_file in inventory.snapshots:
             _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, options), on_result)
+        if writer is not None:
+            writer.finish()
     return report
 
 
@@ -98,6 +99,11 @@ class _ProjectWriter:
             for undone in _finish_interrupted_appends(self._manifest, project):
                 self.report.warnings.append(f"undid an interrupted append to {undone}")
         return self._manifest
+
+    def finish(self) -> None:
+        """Save what is left unsaved (entries marked done after their journal was written)."""
+        if self._manifest is not None:
+            self._manifest.save()
 
     def temp_folders(self) -> list[Path]:
         """Where a run of ours writes temp files: the snapshot folders and the tool's own folder."""
@@ -188,6 +194,12 @@ class _Plan:
     """For the fast path: the original's layout and the new ``data.pkl``; ``None`` for a full rewrite."""
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Inode, size and mtime: a replace, an append or an in-place write all change it."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
     """Read and transform (pure after the read); the fast path where asked and possible, else a full load."""
     if options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best):
@@ -240,11 +252,13 @@ def _migrate_one(
     path = snapshot_file.path
     result = SnapshotResult(path=path, role=snapshot_file.role, status=Status.CLEAN)
     try:
+        seen = _identity(path)
         result.size = path.stat().st_size
         plan = _plan(snapshot_file, options)
         if plan.changes and writer is not None:
             manifest = writer.manifest()
-            plan = _plan(snapshot_file, options)  # again under the lock: another run may have rewritten it
+            if _identity(path) != seen:  # another run rewrote it before we held the lock: look again
+                plan = _plan(snapshot_file, options)
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
         result.status = Status.FAILED
         result.reason = _failure_reason(error)
@@ -324,9 +338,8 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
             "; ".join(plan.changes),
             original_size=layout.size,
             original_end_sha256=store.end_sha256(path, layout.size),
+            state="writing",  # the journal: path, original size and fingerprint, durable before the first byte
         )
-        entry.state = "writing"
-        manifest.save()  # the journal: path, original size and fingerprint, durable before the first byte
         zipappend.append(path, layout.size, body, end)
     except Exception as error:
         detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
@@ -344,39 +357,62 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
         return
     if hash_files:
         result.sha256_after = entry.sha256_after = store.sha256_of(path)
-    entry.state = "done"
-    manifest.save()
+    entry.state = "done"  # saved with the next entry or at the end of the project: "writing" is safe meanwhile
     result.status = Status.FIXED
 
 
 def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes, expected: dict) -> list[str]:
-    """torch does not checksum data.pkl: check the directory points at the new pickle and torch loads it as meant."""
+    """torch does not checksum data.pkl: read it back through the new directory, as torch will, and compare.
+
+    The bytes must be the pickle meant, the directory must list the same members in the
+    same order, and the pickle must parse to the expected keys with storages in the
+    original order. The tensor bytes are not read: they were never written.
+    """
     try:
         new_layout = zipappend.read_layout(path)
         record = new_layout.pickle_record()
         if record.header_offset != layout.size or zipappend.read_member(path, new_layout, record) != new_pickle:
             return ["the directory does not point at the new data.pkl"]
-        if [r.name for r in new_layout.records] != [r.name for r in layout.records]:
+        if [r.raw for r in new_layout.records if r is not record] != [
+            r.raw for r in layout.records if r is not layout.pickle_record()
+        ]:
             return ["the directory lists other members"]
-        loaded = load_snapshot(path)  # memory-mapped: reads the pickle, maps the tensors without reading them
-    except (zipappend.NotAppendable, SnapshotReadError, OSError) as error:
+        reread, order = pickled.loads(zipappend.read_member(path, new_layout, record))
+    except (zipappend.NotAppendable, pickled.NotRecordable, OSError) as error:
         return [f"the appended file does not read back: {error}"]
-    return _compare_to_records(expected, loaded)
+    if order != list(dict.fromkeys(r.storage.key for r in _records_in(expected))):
+        return ["storages are referenced in another order"]
+    return [] if _same_structure(expected, reread) else ["the new data.pkl does not parse to the snapshot meant"]
 
 
-def _compare_to_records(expected: Any, loaded: Any, where: str = "snapshot") -> list[str]:
-    """Like ``compare_snapshots``, but a recorded tensor is compared by dtype-free shape and storage key."""
+def _records_in(obj: Any) -> list[pickled.TensorRecord]:
+    """Tensor records in pickling order (first reference)."""
+    if isinstance(obj, pickled.TensorRecord):
+        return [obj]
+    if isinstance(obj, dict):
+        return [r for value in obj.values() for r in _records_in(value)]
+    if isinstance(obj, (list, tuple)):
+        return [r for value in obj for r in _records_in(value)]
+    return []
+
+
+def _same_structure(expected: Any, actual: Any) -> bool:
     if isinstance(expected, pickled.TensorRecord):
-        if not isinstance(loaded, torch.Tensor) or tuple(loaded.shape) != tuple(expected.shape):
-            return [f"{where}: tensor differs"]
-        return []
-    if isinstance(expected, dict) and isinstance(loaded, dict):
-        if list(expected) != list(loaded):
-            return [f"{where}: keys differ"]
-        if getattr(expected, "_metadata", None) != getattr(loaded, "_metadata", None):
-            return [f"{where}: _metadata differs"]
-        return [p for key in expected for p in _compare_to_records(expected[key], loaded[key], f"{where}[{key!r}]")]
-    return compare_snapshots(expected, loaded, where)
+        return isinstance(actual, pickled.TensorRecord) and expected.args[1:] == actual.args[1:]
+    if isinstance(expected, dict):
+        return (
+            isinstance(actual, dict)
+            and list(expected) == list(actual)
+            and getattr(expected, "_metadata", None) == getattr(actual, "_metadata", None)
+            and all(_same_structure(expected[k], actual[k]) for k in expected)
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            type(expected) is type(actual)
+            and len(expected) == len(actual)
+            and all(map(_same_structure, expected, actual))
+        )
+    return expected == actual or (expected != expected and actual != actual)
 
 
 def _undo(entry: store.ManifestEntry, project: Path) -> None:

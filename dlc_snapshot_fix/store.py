@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import errno
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -156,8 +157,9 @@ def write_temp(
     temp = names.temp_path(target, secrets.token_hex(4))
     try:
         with open(temp, "xb") as stream:
+            hashing = _HashingWriter(stream)
             try:
-                torch.save(snapshot, stream, _use_new_zipfile_serialization=zip_format)
+                torch.save(snapshot, hashing, _use_new_zipfile_serialization=zip_format)
             except RuntimeError as error:
                 raise _os_error_behind(error) from error
             stream.flush()
@@ -165,10 +167,33 @@ def write_temp(
         if target.exists():
             with contextlib.suppress(OSError):
                 os.chmod(temp, target.stat().st_mode & 0o7777)
-        return temp, sha256_of(temp)
+        if hashing.position != temp.stat().st_size:  # torch wrote out of order: hash the file instead
+            return temp, sha256_of(temp)
+        return temp, hashing.digest.hexdigest()
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes what passes through: the new file's sha256 without reading it again."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.digest = hashlib.sha256()
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        written = self.stream.write(data)
+        self.digest.update(memoryview(data)[:written])
+        self.position += written
+        return written
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def commit_temp(temp: Path, target: Path) -> None:
@@ -273,7 +298,9 @@ class Manifest:
         renamed_from: Path | None = None,
         original_size: int | None = None,
         original_end_sha256: str | None = None,
+        state: str = "pending",
     ) -> ManifestEntry:
+        """Record a change about to be made, durably (the journal), before any byte of it is written."""
         entry = ManifestEntry(
             renamed_from=str(renamed_from.relative_to(self.project)) if renamed_from else None,
             original_size=original_size,
@@ -286,6 +313,7 @@ class Manifest:
             tool_version=__version__,
             time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             change=change,
+            state=state,
         )
         self.entries.append(entry)
         self.save()

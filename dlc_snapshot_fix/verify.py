@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from dlc_snapshot_fix import keys
@@ -26,10 +27,9 @@ def tensors_bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() == 0:
         return True
-    flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
-    if a.dtype.is_floating_point or a.dtype.is_complex:
-        return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
-    return torch.equal(flat_a, flat_b)
+    bytes_a = a.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    bytes_b = b.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return bool(np.array_equal(bytes_a, bytes_b))  # numpy compares bytes at memory speed
 
 
 def compare_snapshots(expected: Any, actual: Any, where: str = "snapshot") -> list[str]:

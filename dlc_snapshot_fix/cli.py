@@ -99,6 +99,11 @@ def main() -> None:
     help="rewrite: new file swapped in, original kept as a backup (default for a project). "
     "append: append a new data.pkl and directory, kilobytes; undo truncates (default for an archive).",
 )
+@click.option(
+    "--backup-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also keep a full, verified copy of every original here (another disk, say) before changing it.",
+)
 @click.option("--hash", "hash_files", is_flag=True, help="append: also report whole-file sha256 (reads every byte).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Archive: projects migrated at once.")
 @click.option("--shard", metavar="I/N", help="Archive: take only shard I of N (default: SLURM array variables).")
@@ -114,6 +119,7 @@ def migrate(
     fix_metadata: bool,
     rename_legacy_best: bool,
     method: str | None,
+    backup_dir: Path | None,
     hash_files: bool,
     jobs: int,
     shard: str | None,
@@ -150,6 +156,7 @@ def migrate(
         rename_legacy_best=rename_legacy_best,
         method=method or ("append" if archive else "rewrite"),
         hash_files=hash_files,
+        backup_dir=backup_dir,
     )
     if archive:
         _run_archive(project, jobs, shard, write, options, json_path, csv_path, quiet)

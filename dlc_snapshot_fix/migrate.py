@@ -43,6 +43,8 @@ class MigrationOptions:
     """Rename ``snapshot-best.pt`` to ``snapshot-best-<epoch>.pt`` (changes DeepLabCut's scorer name)."""
     hash_files: bool = False
     """``append`` only: also compute whole-file sha256 before and after (reads every byte; rewrite always does)."""
+    backup_dir: Path | None = None
+    """Also keep a full, verified copy of every original here (``<backup_dir>/<project name>/<path>``)."""
     method: str = "rewrite"
     """``rewrite``: keep the original, write a new file, swap it in. ``append``: append a new
     ``data.pkl`` and directory (kilobytes; undo = truncate); falls back to ``rewrite`` where it cannot."""
@@ -269,10 +271,13 @@ def _migrate_one(
         result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
     if plan.changes:
         result.status = Status.NEEDS_FIX
-        if writer is not None and plan.append is not None:
-            _append(result, project, manifest, plan, options.hash_files)
-        elif writer is not None:
-            _rewrite(result, project, manifest, plan, options.trust)
+        if writer is not None:
+            _copy_elsewhere(result, project, options.backup_dir)
+        if writer is not None and result.status != Status.FAILED:
+            if plan.append is not None:
+                _append(result, project, manifest, plan, options.hash_files)
+            else:
+                _rewrite(result, project, manifest, plan, options.trust)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -321,6 +326,23 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
     result.status = Status.FIXED
 
 
+def _copy_elsewhere(result: SnapshotResult, project: Path, backup_dir: Path | None) -> None:
+    """``--backup-dir``: a full copy of the original outside the project, verified, before anything is written."""
+    if backup_dir is None:
+        return
+    target = Path(backup_dir) / project.name / result.path.relative_to(project)
+    try:
+        sha = store.sha256_of(result.path)
+        store.keep_original(result.path, target, sha, link=False)
+    except Exception as error:
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        result.status = Status.FAILED
+        result.reason = f"could not copy it to the backup folder ({detail}); the snapshot is unchanged"
+        return
+    result.sha256_before = result.sha256_before or sha
+    result.extra_backup = target
+
+
 def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, hash_files: bool) -> None:
     """The fast path: journal in the manifest, append, read the new pickle back; on a difference, truncate."""
     assert plan.append is not None
@@ -329,7 +351,8 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
     try:
         body, end = zipappend.build_tail(layout, new_pickle)
         store.ensure_space(path.parent, len(body) + len(end))
-        result.sha256_before = store.sha256_of(path) if hash_files else None
+        if hash_files and result.sha256_before is None:  # (--backup-dir has hashed it already)
+            result.sha256_before = store.sha256_of(path)
         entry = manifest.add(
             path,
             path,

@@ -56,6 +56,8 @@ class SnapshotResult:
     sha256_before: str | None = None
     sha256_after: str | None = None
     backup: Path | None = None
+    extra_backup: Path | None = None
+    """The copy made in ``--backup-dir``, if one was asked for."""
     seconds: float = 0.0
 
     @property
@@ -134,6 +136,7 @@ class ProjectReport:
                     "sha256_before": r.sha256_before,
                     "sha256_after": r.sha256_after,
                     "backup": str(r.backup) if r.backup else None,
+                    "extra_backup": str(r.extra_backup) if r.extra_backup else None,
                     "seconds": round(r.seconds, 3),
                 }
                 for r in self.results

@@ -63,22 +63,27 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def keep_original(snapshot: Path, backup: Path, sha256: str) -> str:
-    """Keep ``snapshot``'s current bytes at ``backup``; return how (``"hardlink"`` or ``"copy"``).
+def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = True) -> str:
+    """Keep ``snapshot``'s current bytes at ``backup``; return how (``"hardlink"``, ``"copy"`` or ``"existing"``).
 
-    An existing backup with the same content (an earlier, interrupted run) is reused.
+    A hard link where allowed (and ``link``), else a copy that is fsynced and checked
+    against ``sha256`` before it takes the backup's name. An existing backup with the
+    same content (an earlier, interrupted run) is reused.
     """
     if backup.exists():
         if sha256_of(backup) == sha256:
             return "existing"
         raise FileExistsError(f"{backup} exists with other content; move it away and run again")
     backup.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(snapshot, backup)
-        method = "hardlink"
-    except OSError as error:
-        if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
-            raise
+    method = "copy"
+    if link:
+        try:
+            os.link(snapshot, backup)
+            method = "hardlink"
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
+                raise
+    if method == "copy":
         ensure_space(backup.parent, snapshot.stat().st_size)
         partial = names.temp_path(backup, secrets.token_hex(4))
         try:
@@ -91,7 +96,6 @@ def keep_original(snapshot: Path, backup: Path, sha256: str) -> str:
             os.replace(partial, backup)
         finally:
             partial.unlink(missing_ok=True)
-        method = "copy"
     fsync_dir(backup.parent)
     return method
 

@@ -139,3 +139,18 @@ def test_a_cut_at_any_point_of_the_append_loads_as_original_or_migrated(project:
         CliRunner().invoke(main, ["restore", str(project)], catch_exceptions=False)
         assert sha(snapshot) == original_sha, f"cut at {cut}"
     assert outcomes["migrated"] == 1 and outcomes["original"] > 50
+
+
+@pytest.mark.parametrize("method", ["rewrite", "append"])
+def test_backup_dir_keeps_a_full_copy_elsewhere(project: Path, snapshot: Path, tmp_path: Path, method: str):
+    original = snapshot.read_bytes()
+    elsewhere = tmp_path / "other disk"
+    result = CliRunner().invoke(
+        main, [str(project), "--method", method, "--backup-dir", str(elsewhere), "--json", "-"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    copy = elsewhere / project.name / snapshot.relative_to(project)
+    assert copy.read_bytes() == original
+    assert not copy.samefile(snapshot) and copy.stat().st_nlink == 1  # a real copy, not a link
+    (row,) = json.loads(result.output)["snapshots"]
+    assert row["extra_backup"] == str(copy) and row["sha256_before"] == sha(copy)

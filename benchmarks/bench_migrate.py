@@ -110,7 +110,7 @@ def make_template(root: Path, count: int, big_gb: float, per_project: int = 4) -
         for j in range(16):
             big[f"module.heads.extra.{j}.weight"] = torch.zeros(floats)
         torch.save({"metadata": {"epoch": 1}, "model": big}, project / TRAIN / "snapshot-001.pt")
-    return first.stat().st_size
+    return first.stat().st_size if first else 0
 
 
 def settle_cache() -> str:

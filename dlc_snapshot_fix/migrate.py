@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,13 @@ from dlc_snapshot_fix import names, pickled, store, transforms, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
 from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
-from dlc_snapshot_fix.verify import ModelChecker, compare_snapshots
+from dlc_snapshot_fix.verify import (
+    ModelChecker,
+    compare_snapshots,
+    records_in,
+    same_structure,
+    streamed_differences,
+)
 
 LOCK_TIMEOUT_S = 0
 """Another run holding the project's lock makes this one stop at once rather than wait."""
@@ -194,6 +201,8 @@ class _Plan:
     """Problems DeepLabCut will still have with the result, and the option that fixes each."""
     append: tuple[zipappend.ZipLayout, bytes] | None = None
     """For the fast path: the original's layout and the new ``data.pkl``; ``None`` for a full rewrite."""
+    expected_records: Any = None
+    """For a rewrite of a zip: the result as tensor records, so the read-back can stream instead of map."""
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -204,15 +213,18 @@ def _identity(path: Path) -> tuple[int, int, int]:
 
 def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
     """Read and transform (pure after the read); the fast path where asked and possible, else a full load."""
-    if options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best):
-        with contextlib.suppress(zipappend.NotAppendable, pickled.NotRecordable, OSError):
-            layout = zipappend.read_layout(snapshot_file.path)
-            records, order = pickled.loads(zipappend.read_member(snapshot_file.path, layout, layout.pickle_record()))
-            plan = _transform(snapshot_file, records, options)
-            if plan.changes:
-                plan.append = (layout, pickled.dumps(plan.fixed, order))
-            return plan
-    return _transform(snapshot_file, load_snapshot(snapshot_file.path, trust=options.trust), options)
+    recorded = None
+    with contextlib.suppress(zipappend.NotAppendable, pickled.NotRecordable, OSError):
+        layout = zipappend.read_layout(snapshot_file.path)
+        records, order = pickled.loads(zipappend.read_member(snapshot_file.path, layout, layout.pickle_record()))
+        recorded = _transform(snapshot_file, records, options)
+        if options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best):
+            if recorded.changes:
+                recorded.append = (layout, pickled.dumps(recorded.fixed, order))
+            return recorded
+    plan = _transform(snapshot_file, load_snapshot(snapshot_file.path, trust=options.trust), options)
+    plan.expected_records = recorded.fixed if recorded is not None else None
+    return plan
 
 
 def _transform(snapshot_file: SnapshotFile, snapshot: dict, options: MigrationOptions) -> _Plan:
@@ -312,9 +324,13 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
         result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
         return
     try:
-        differences = compare_snapshots(plan.fixed, load_snapshot(destination, trust=trust))
-    except SnapshotReadError as error:
-        differences = [f"the new file does not read back: {error.problem}"]
+        if plan.expected_records is not None:
+            plan.fixed = {}  # let go of the original's memory map before reading back: one snapshot in memory at most
+            differences = streamed_differences(backup, destination, plan.expected_records)
+        else:  # torch's legacy format, or a pickle only a full load reads (with --trust)
+            differences = compare_snapshots(plan.fixed, load_snapshot(destination, trust=trust))
+    except (SnapshotReadError, zipappend.NotAppendable, pickled.NotRecordable, zipfile.BadZipFile, OSError) as error:
+        differences = [f"the new file does not read back: {error}"]
     if differences:
         _undo(entry, project)
         manifest.save()
@@ -403,39 +419,9 @@ def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes
         reread, order = pickled.loads(zipappend.read_member(path, new_layout, record))
     except (zipappend.NotAppendable, pickled.NotRecordable, OSError) as error:
         return [f"the appended file does not read back: {error}"]
-    if order != list(dict.fromkeys(r.storage.key for r in _records_in(expected))):
+    if order != list(dict.fromkeys(r.storage.key for r in records_in(expected))):
         return ["storages are referenced in another order"]
-    return [] if _same_structure(expected, reread) else ["the new data.pkl does not parse to the snapshot meant"]
-
-
-def _records_in(obj: Any) -> list[pickled.TensorRecord]:
-    """Tensor records in pickling order (first reference)."""
-    if isinstance(obj, pickled.TensorRecord):
-        return [obj]
-    if isinstance(obj, dict):
-        return [r for value in obj.values() for r in _records_in(value)]
-    if isinstance(obj, (list, tuple)):
-        return [r for value in obj for r in _records_in(value)]
-    return []
-
-
-def _same_structure(expected: Any, actual: Any) -> bool:
-    if isinstance(expected, pickled.TensorRecord):
-        return isinstance(actual, pickled.TensorRecord) and expected.args[1:] == actual.args[1:]
-    if isinstance(expected, dict):
-        return (
-            isinstance(actual, dict)
-            and list(expected) == list(actual)
-            and getattr(expected, "_metadata", None) == getattr(actual, "_metadata", None)
-            and all(_same_structure(expected[k], actual[k]) for k in expected)
-        )
-    if isinstance(expected, (list, tuple)):
-        return (
-            type(expected) is type(actual)
-            and len(expected) == len(actual)
-            and all(map(_same_structure, expected, actual))
-        )
-    return expected == actual or (expected != expected and actual != actual)
+    return [] if same_structure(expected, reread) else ["the new data.pkl does not parse to the snapshot meant"]
 
 
 def _undo(entry: store.ManifestEntry, project: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dlc_snapshot_fix import keys
+from dlc_snapshot_fix import keys, pickled, zipappend
 from dlc_snapshot_fix.discover import SnapshotFile, read_yaml
 
 
@@ -55,6 +56,70 @@ def compare_snapshots(expected: Any, actual: Any, where: str = "snapshot") -> li
             problems += compare_snapshots(a, b, f"{where}[{index}]")
         return problems
     return [] if expected == actual or (expected != expected and actual != actual) else [f"{where}: value differs"]
+
+
+def records_in(obj: Any) -> list[pickled.TensorRecord]:
+    """Tensor records in pickling order (first reference)."""
+    if isinstance(obj, pickled.TensorRecord):
+        return [obj]
+    if isinstance(obj, dict):
+        return [r for value in obj.values() for r in records_in(value)]
+    if isinstance(obj, (list, tuple)):
+        return [r for value in obj for r in records_in(value)]
+    return []
+
+
+def same_structure(expected: Any, actual: Any) -> bool:
+    if isinstance(expected, pickled.TensorRecord):
+        return isinstance(actual, pickled.TensorRecord) and expected.args[1:] == actual.args[1:]
+    if isinstance(expected, dict):
+        return (
+            isinstance(actual, dict)
+            and list(expected) == list(actual)
+            and getattr(expected, "_metadata", None) == getattr(actual, "_metadata", None)
+            and all(same_structure(expected[k], actual[k]) for k in expected)
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            type(expected) is type(actual)
+            and len(expected) == len(actual)
+            and all(map(same_structure, expected, actual))
+        )
+    return expected == actual or (expected != expected and actual != actual)
+
+
+def streamed_differences(original: Path, written: Path, expected: Any) -> list[str]:
+    """Read-back of a rewrite without mapping either file: memory does not grow with snapshot size.
+
+    ``expected`` is the snapshot meant, as tensor records (the original pickle, transformed).
+    The new file's pickle must parse to it, tensor for tensor (offset, size, stride, storage
+    type and length), and every storage's bytes must equal the original's, compared in
+    1 MiB chunks straight from both zips (whose reader also checks each member's CRC).
+    """
+    old_layout, new_layout = zipappend.read_layout(original), zipappend.read_layout(written)
+    new_records, new_order = pickled.loads(zipappend.read_member(written, new_layout, new_layout.pickle_record()))
+    if not same_structure(expected, new_records):
+        return ["the new file's pickle does not parse to the snapshot meant"]
+    old_storages = list({r.storage.key: r.storage for r in records_in(expected)}.values())
+    new_storages = list({r.storage.key: r.storage for r in records_in(new_records)}.values())
+    if [s.key for s in new_storages] != new_order or len(old_storages) != len(new_storages):
+        return ["the new file references its storages differently"]
+    old_prefix = old_layout.pickle_record().name.rsplit("/", 1)[0]
+    new_prefix = new_layout.pickle_record().name.rsplit("/", 1)[0]
+    with zipfile.ZipFile(original) as old_zip, zipfile.ZipFile(written) as new_zip:
+        for old, new in zip(old_storages, new_storages, strict=True):
+            if old.pid[1] is not new.pid[1] or old.pid[4] != new.pid[4]:
+                return [f"storage {new.key}: another type or length than the original's {old.key}"]
+            with old_zip.open(f"{old_prefix}/data/{old.key}") as a, new_zip.open(f"{new_prefix}/data/{new.key}") as b:
+                while chunk := a.read(CHUNK):
+                    if b.read(len(chunk)) != chunk:
+                        return [f"storage {new.key}: bytes differ from the original's"]
+                if b.read(1):
+                    return [f"storage {new.key}: longer than the original's"]
+    return []
+
+
+CHUNK = 1 << 20
 
 
 CheckStatus = Literal["ok", "mismatch", "skipped"]

@@ -68,8 +68,6 @@ def train_dir_of(project: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots."""
-    import deeplabcut
-
     from dlc_snapshot_fix.testing import build_pose_model
 
     project = tmp_path_factory.mktemp("dlc") / "sample project"
@@ -77,15 +75,16 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
     random_init = project / "random-init.pt"  # outside train/: DeepLabCut must not list it
     torch.save({"model": build_pose_model(train_dir / "pytorch_config.yaml").state_dict()}, random_init)
-    deeplabcut.train_network(
-        str(project / "config.yaml"),
-        shuffle=1,
-        epochs=1,
-        batch_size=1,
-        device="cpu",
-        snapshot_path=str(random_init),
-    )
+    train_one_epoch(project, snapshot_path=random_init)
     return project
+
+
+def train_one_epoch(project: Path, **options) -> None:
+    """One epoch of DeepLabCut's real training on the CPU (about 20 s for these tiny projects)."""
+    import deeplabcut
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    deeplabcut.train_network(str(project / "config.yaml"), shuffle=1, epochs=1, batch_size=1, device="cpu", **options)
 
 
 @pytest.fixture

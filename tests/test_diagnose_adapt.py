@@ -10,7 +10,7 @@ from pathlib import Path
 import deeplabcut
 import pytest
 import torch
-from conftest import train_dir_of
+from conftest import train_dir_of, train_one_epoch
 
 from dlc_snapshot_fix import load_snapshot
 from dlc_snapshot_fix.diagnose import likely_cause
@@ -71,14 +71,7 @@ def test_inspect_adapt_and_train_a_three_bodypart_project(multi_gpu_project: Pat
     assert torch.equal(result["model"][backbone_key], original["module." + backbone_key])
     assert cli("inspect", adapted, "--against", three_config).returncode == 0
 
-    deeplabcut.train_network(
-        str(three_bodypart_project / "config.yaml"),
-        shuffle=1,
-        epochs=1,
-        batch_size=1,
-        device="cpu",
-        snapshot_path=str(adapted),
-    )
+    train_one_epoch(three_bodypart_project, snapshot_path=adapted)
     trained = load_snapshot(train_dir_of(three_bodypart_project) / "snapshot-001.pt")
     assert trained["model"]["heads.bodypart.heatmap_head.deconv_layers.0.weight"].shape[1] == 3
 

@@ -189,3 +189,25 @@ def test_an_unreadable_manifest_stops_the_run_before_any_write(project: Path, sn
     assert result.exit_code == 2
     assert "manifest.json: unreadable" in result.output
     assert snapshots["dp"].read_bytes() == before
+
+
+def test_a_corrupted_write_is_caught_by_the_read_back_and_the_original_goes_back(
+    project: Path, snapshots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """A bit flipped in a tensor on its way to disk: the streamed read-back sees it (CRC or bytes)."""
+    from dlc_snapshot_fix import store
+
+    original = snapshots["dp"].read_bytes()
+    real_commit = store.commit_temp
+
+    def flip_a_tensor_byte(temp: Path, target: Path) -> None:
+        data = bytearray(temp.read_bytes())
+        data[data.index(b"data/0") + 200] ^= 0xFF  # inside the first storage's bytes
+        temp.write_bytes(bytes(data))
+        real_commit(temp, target)
+
+    monkeypatch.setattr(store, "commit_temp", flip_a_tensor_byte)
+    report = migrate_project(project, check_model=False)
+    failed = {r.path.name: r for r in report.results if r.status == Status.FAILED}
+    assert "snapshot-005.pt" in failed and "read-back differed" in failed["snapshot-005.pt"].reason
+    assert snapshots["dp"].read_bytes() == original

@@ -17,7 +17,7 @@ from pathlib import Path
 import deeplabcut
 import pytest
 import torch
-from conftest import train_dir_of
+from conftest import train_dir_of, train_one_epoch
 from deeplabcut.pose_estimation_pytorch.apis import train_network
 from deeplabcut.pose_estimation_pytorch.runners import snapshots as dlc_snapshots
 
@@ -132,14 +132,7 @@ def test_weight_init_from_a_prefixed_snapshot(prefixed):
         weight_init = {"snapshot_path": str(source), "with_decoder": False, "memory_replay": False}
 
         def train_from_weight_init():
-            deeplabcut.train_network(
-                str(config),
-                shuffle=1,
-                epochs=1,
-                batch_size=1,
-                device="cpu",
-                pytorch_cfg_updates={"train_settings.weight_init": weight_init},
-            )
+            train_one_epoch(config.parent, pytorch_cfg_updates={"train_settings.weight_init": weight_init})
 
         both_ways(train_from_weight_init, error=r"Missing key\(s\) in state_dict")
         assert_clean_snapshots_written(train_dir)

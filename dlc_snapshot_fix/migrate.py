@@ -299,7 +299,7 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
     path, destination = result.path, plan.destination
     try:
         store.ensure_writable(path.parent)
-        result.sha256_before = store.sha256_of(path)
+        result.sha256_before = result.sha256_before or store.sha256_of(path)  # (--backup-dir hashed it already)
         backup = names.backup_path(project, path, result.sha256_before)
         method = store.keep_original(path, backup, result.sha256_before)
         renamed_from = path if destination != path else None
@@ -319,7 +319,7 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
             store.fsync_dir(path.parent)
             result.renamed_to = destination
     except Exception as error:  # the snapshot path still holds the original: report, and go on
-        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        detail = _describe(error)
         result.status = Status.FAILED
         result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
         return
@@ -351,7 +351,7 @@ def _copy_elsewhere(result: SnapshotResult, project: Path, backup_dir: Path | No
         sha = store.sha256_of(result.path)
         store.keep_original(result.path, target, sha, link=False)
     except Exception as error:
-        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        detail = _describe(error)
         result.status = Status.FAILED
         result.reason = f"could not copy it to the backup folder ({detail}); the snapshot is unchanged"
         return
@@ -381,7 +381,7 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
         )
         zipappend.append(path, layout.size, body, end)
     except Exception as error:
-        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        detail = _describe(error)
         result.status = Status.FAILED
         result.reason = f"could not append ({detail}); run again to finish (a partial append is undone first)"
         return
@@ -490,6 +490,11 @@ def _restore_append(result: SnapshotResult, entry: store.ManifestEntry, path: Pa
     else:
         zipappend.truncate(path, size)
         result.status = Status.RESTORED
+
+
+def _describe(error: Exception) -> str:
+    """An OS error's own words ("No space left on device"), else the error's message."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _failure_reason(error: Exception) -> str:

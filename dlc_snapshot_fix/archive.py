@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dlc_snapshot_fix import names
-from dlc_snapshot_fix.discover import MODEL_PREFIX_DEPTH, PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath
+from dlc_snapshot_fix.discover import PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath, model_roots
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project
 from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status
 
@@ -58,20 +58,6 @@ class Shard:
         return f"{self.index + 1}/{self.count}"
 
 
-def is_project(folder: Path) -> bool:
-    """A ``config.yaml`` with DeepLabCut model folders beside it (or under a model prefix)."""
-    return (folder / "config.yaml").is_file() and any(_model_folders(folder))
-
-
-def _model_folders(folder: Path) -> Iterable[Path]:
-    for current, subdirs, _ in os.walk(folder):
-        depth = len(Path(current).relative_to(folder).parts)
-        for name in (PYTORCH_MODELS, TENSORFLOW_MODELS):
-            if name in subdirs:
-                yield Path(current) / name
-        subdirs[:] = [d for d in subdirs if depth < MODEL_PREFIX_DEPTH and not d.startswith(".")]
-
-
 def find_projects(root: Path) -> tuple[list[Path], list[SkippedPath]]:
     """Every PyTorch-engine project below ``root``; folders passed over are returned with the reason."""
     root = Path(root).absolute()
@@ -92,9 +78,11 @@ def find_projects(root: Path) -> tuple[list[Path], list[SkippedPath]]:
                 )
                 reason = "a symbolic link loop" if loop else "a symbolic link to a folder"
                 skipped.append(SkippedPath(here / name, f"{reason}; not followed"))
-        if is_project(here):
+        # a project: a config.yaml with model folders beside it (or under a model prefix)
+        pytorch = (here / "config.yaml").is_file() and model_roots(here, PYTORCH_MODELS)
+        if pytorch or ((here / "config.yaml").is_file() and model_roots(here, TENSORFLOW_MODELS)):
             subdirs[:] = []  # a project's own folders hold no other projects
-            if any(f.name == PYTORCH_MODELS for f in _model_folders(here)):
+            if pytorch:
                 projects.append(here)
             else:
                 skipped.append(SkippedPath(here, "TensorFlow-only project: nothing for this tool"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -30,12 +30,24 @@ class DefaultToMigrate(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _emit(report: ProjectReport, json_path: str | None, quiet: bool) -> None:
+def _fail(message: object, code: ExitCode) -> NoReturn:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def _write_json(payload: Any, json_path: str | None) -> bool:
+    """Write ``payload`` to ``json_path`` (``-``: stdout); True when stdout took it (print nothing else)."""
     if json_path == "-":
-        click.echo(json.dumps(report.to_dict(), indent=2))
-        return
+        click.echo(json.dumps(payload, indent=2))
+        return True
     if json_path:
-        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        Path(json_path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return False
+
+
+def _emit(report: ProjectReport, json_path: str | None, quiet: bool) -> None:
+    if _write_json(report.to_dict(), json_path):
+        return
     lines = report.render_lines()
     if quiet:
         lines = lines[-1:]
@@ -47,8 +59,7 @@ def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> Non
     try:
         report = action()
     except (ProjectError, ProjectBusyError, ManifestError) as error:
-        click.secho(f"error: {error}", fg="red", err=True)
-        sys.exit(ExitCode.USAGE)
+        _fail(error, ExitCode.USAGE)
     _emit(report, json_path, quiet)
     sys.exit(report.exit_code(check=check))
 
@@ -182,20 +193,16 @@ def _run_archive(
     try:
         shard = Shard.parse(shard_text)
     except ValueError as error:
-        click.secho(f"error: {error}", fg="red", err=True)
-        sys.exit(ExitCode.USAGE)
+        _fail(error, ExitCode.USAGE)
     progress = _ArchiveProgress(enabled=sys.stderr.isatty() and not quiet, quiet=quiet)
     report = migrate_archive(
         root, jobs=jobs, shard=shard, write=write, options=options, on_plan=progress.start, on_project=progress.done
     )
     progress.close()
     if not report.projects and not report.failed_projects and not report.skipped:
-        click.secho(
-            f"error: no DeepLabCut project (a config.yaml beside dlc-models-pytorch) found in or below {root}",
-            fg="red",
-            err=True,
+        _fail(
+            f"no DeepLabCut project (a config.yaml beside dlc-models-pytorch) found in or below {root}", ExitCode.USAGE
         )
-        sys.exit(ExitCode.USAGE)
     if json_path:
         report.write_json(Path(json_path))
     if csv_path:
@@ -256,7 +263,7 @@ def _quiet_discover(project: Path) -> list:
 def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: str | None) -> None:
     """Merge the JSON reports of several shards (--shard I/N) into one."""
     merged = merge_reports(reports)
-    Path(json_path).write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    _write_json(merged, json_path)
     if csv_path:
         write_rows_csv(merged["snapshots"], Path(csv_path))
     failed = sum(row["status"] == "failed" for row in merged["snapshots"])
@@ -293,14 +300,8 @@ def inspect(path: Path, against: Path | None, shuffle: int | None, json_path: st
     try:
         diagnoses = diagnose(path, against=against, shuffle=shuffle)
     except ProjectError as error:
-        click.secho(f"error: {error}", fg="red", err=True)
-        sys.exit(ExitCode.USAGE)
-    payload = [d.to_dict() for d in diagnoses]
-    if json_path == "-":
-        click.echo(json.dumps(payload, indent=2))
-    else:
-        if json_path:
-            Path(json_path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        _fail(error, ExitCode.USAGE)
+    if not _write_json([d.to_dict() for d in diagnoses], json_path):
         for diagnosis in diagnoses:
             for line in diagnosis.render():
                 click.echo(line)
@@ -331,8 +332,7 @@ def adapt(
         target_config = resolve_pytorch_config(target, shuffle)
         plan = adapt_snapshot(snapshot, target_config, output, allow_non_head=allow_non_head, overwrite=overwrite)
     except (ProjectError, AdaptRefusedError, FileExistsError, SnapshotReadError, ValueError) as error:
-        click.secho(f"error: {error}", fg="red", err=True)
-        sys.exit(ExitCode.PROBLEMS)
+        _fail(error, ExitCode.PROBLEMS)
     click.echo(f"wrote {output}: {len(plan.kept)} tensors kept from {snapshot.name}")
     for label, names_ in (("re-initialised", plan.reinitialised), ("dropped from the source", plan.dropped)):
         if names_:

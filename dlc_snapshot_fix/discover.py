@@ -111,10 +111,10 @@ def discover_project(path: Path) -> ProjectInventory:
         inventory.warnings.append(
             f"config.yaml says project_path is {recorded}; using {project}, where it actually is."
         )
-    for models_dir in _model_roots(project, PYTORCH_MODELS):
+    for models_dir in model_roots(project, PYTORCH_MODELS):
         for train_dir in sorted(models_dir.glob("iteration-*/*/train")):
             _discover_train_dir(train_dir, inventory)
-    for tf_dir in _model_roots(project, TENSORFLOW_MODELS):
+    for tf_dir in model_roots(project, TENSORFLOW_MODELS):
         for shuffle in sorted(tf_dir.glob("iteration-*/*")):
             inventory.skipped.append(
                 SkippedPath(shuffle, "TensorFlow-engine model: not a PyTorch snapshot, left alone")
@@ -123,7 +123,7 @@ def discover_project(path: Path) -> ProjectInventory:
     return inventory
 
 
-def _model_roots(project: Path, folder_name: str) -> list[Path]:
+def model_roots(project: Path, folder_name: str) -> list[Path]:
     """``folder_name`` folders at the project root or under a model prefix, without following links."""
     found = []
     for current, subdirs, _ in os.walk(project):

@@ -260,11 +260,11 @@ class ManifestEntry:
     time: str
     change: str
     renamed_from: str | None = None
+    """For a rename, the original path (relative to the project); ``path`` is then the new one."""
     original_size: int | None = None
     """``append`` only: the original's size; truncating to it gives back the original."""
     original_end_sha256: str | None = None
     """``append`` only: sha256 of the original's last 64 KiB (its central directory, with every member's CRC)."""
-    """For a rename, the original path (relative to the project); ``path`` is then the new one."""
     state: str = "pending"
     """``pending``: original kept, new file not yet written. ``writing``: new file written
     (its sha256 recorded) and being swapped in; either may be at the path. ``done``: swapped
@@ -322,12 +322,6 @@ class Manifest:
         self.entries.append(entry)
         self.save()
         return entry
-
-    def latest(self, relative_path: str) -> ManifestEntry | None:
-        for entry in reversed(self.entries):
-            if entry.path == relative_path:
-                return entry
-        return None
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

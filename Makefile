@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo test matrix lint clean-demo
 
 $(BIN)/.installed: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(BIN)/.installed  ## break sample_project like a two-GPU rc5 run, show ev
 test: $(BIN)/.installed  ## lint, then every test, including the ones that run the real DeepLabCut
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+matrix:  ## the other environments the README promises, each its own venv (CI runs it after `make test`)
+	bash scripts/matrix.sh
 
 clean-demo:
 	rm -rf sample_project/.dlc-snapshot-fix sample_project/evaluation-results-pytorch

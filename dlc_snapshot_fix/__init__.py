@@ -5,34 +5,51 @@ Read top to bottom, the modules follow the data: ``discover`` finds the snapshot
 ``store`` keeps the original and writes the new file atomically, ``verify`` proves the
 result, ``report`` says what happened. ``migrate`` strings them together; ``cli`` is a
 thin layer over it.
+
+The public names below are imported on first use, not with the package: the plugin's
+start-up file imports ``dlc_snapshot_fix.autoload`` in every Python process of an
+environment, and that must not cost an ``import torch`` (seconds, hundreds of MB).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from dlc_snapshot_fix.discover import ProjectError, ProjectInventory, SnapshotFile, discover_project
-from dlc_snapshot_fix.keys import KeyCollisionError, find_wrapper_prefixes, strip_prefix, strip_wrapper_prefixes
-from dlc_snapshot_fix.migrate import ProjectBusyError, migrate_project, restore_project
-from dlc_snapshot_fix.reading import RefusedSnapshotError, SnapshotReadError, load_snapshot
-from dlc_snapshot_fix.report import ExitCode, ProjectReport, SnapshotResult, Status
+_PUBLIC = {
+    "ProjectError": "discover",
+    "ProjectInventory": "discover",
+    "SnapshotFile": "discover",
+    "discover_project": "discover",
+    "KeyCollisionError": "keys",
+    "find_wrapper_prefixes": "keys",
+    "strip_prefix": "keys",
+    "strip_wrapper_prefixes": "keys",
+    "ProjectBusyError": "migrate",
+    "migrate_project": "migrate",
+    "restore_project": "migrate",
+    "RefusedSnapshotError": "reading",
+    "SnapshotReadError": "reading",
+    "load_snapshot": "reading",
+    "ExitCode": "report",
+    "ProjectReport": "report",
+    "SnapshotResult": "report",
+    "Status": "report",
+}
 
-__all__ = [
-    "ExitCode",
-    "KeyCollisionError",
-    "ProjectBusyError",
-    "ProjectError",
-    "ProjectInventory",
-    "ProjectReport",
-    "RefusedSnapshotError",
-    "SnapshotFile",
-    "SnapshotReadError",
-    "SnapshotResult",
-    "Status",
-    "__version__",
-    "discover_project",
-    "find_wrapper_prefixes",
-    "load_snapshot",
-    "migrate_project",
-    "restore_project",
-    "strip_prefix",
-    "strip_wrapper_prefixes",
-]
+__all__ = [*sorted(_PUBLIC), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """``dlc_snapshot_fix.migrate_project`` and friends, from their modules, on first use (PEP 562)."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -77,6 +77,7 @@ def adapt_snapshot(
     if model_config is None:
         raise ValueError(reason)
     snapshot = load_snapshot(source)
+    transforms.check_nesting(snapshot)
     stripped, _ = transforms.strip_wrapper_prefixes(snapshot, ("model",))
     target = build_pose_model(model_config).state_dict()
     plan = plan_adaptation(stripped["model"], target)

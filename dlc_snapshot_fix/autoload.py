@@ -10,15 +10,15 @@ DeepLabCut pay only for this small module. ``plugin disable`` deletes the file;
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import os
 import sys
-import sysconfig
-import warnings
-from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from types import ModuleType
+
+# Only what every process pays for at start-up is imported above; the rest waits for its use.
 
 PTH_NAME = "dlc_snapshot_fix_plugin.pth"
 PTH_LINE = "import dlc_snapshot_fix.autoload; dlc_snapshot_fix.autoload.activate()\n"
@@ -27,6 +27,9 @@ DISABLE_ENV = "DLC_SNAPSHOT_FIX_PLUGIN"
 
 def pth_path() -> Path:
     """Where the start-up file goes: this interpreter's site-packages."""
+    import sysconfig
+    from pathlib import Path
+
     return Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
 
 
@@ -48,12 +51,17 @@ def is_enabled() -> bool:
     return pth_path().exists()
 
 
-class _InstallAfterDeepLabCut(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps DeepLabCut's own loader to install the plugin after it runs."""
+class _InstallAfterDeepLabCut:
+    """A meta path finder that finds nothing itself; wraps DeepLabCut's own loader to install the plugin after it.
+
+    (Not a subclass of ``importlib.abc.MetaPathFinder``: importing that costs every process ~8 ms.)
+    """
 
     def find_spec(self, fullname: str, path=None, target=None):
         if fullname != "deeplabcut":
             return None
+        import importlib.machinery
+
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
@@ -70,6 +78,8 @@ class _InstallAfterDeepLabCut(importlib.abc.MetaPathFinder):
 
 
 def _install_or_warn() -> None:
+    import warnings
+
     from dlc_snapshot_fix import plugin
 
     try:
@@ -84,5 +94,8 @@ def activate() -> None:
         return
     if "deeplabcut" in sys.modules:
         _install_or_warn()
-    elif importlib.util.find_spec("deeplabcut") is not None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("deeplabcut") is not None:
         sys.meta_path.insert(0, _InstallAfterDeepLabCut())

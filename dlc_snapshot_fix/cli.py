@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,12 +23,24 @@ from dlc_snapshot_fix.store import ManifestError
 
 
 class DefaultToMigrate(click.Group):
-    """``dlc-snapshot-fix PROJECT`` means ``dlc-snapshot-fix migrate PROJECT``."""
+    """``dlc-snapshot-fix PROJECT`` means ``dlc-snapshot-fix migrate PROJECT``; ``--debug`` goes anywhere."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args:
+            args = [arg for arg in args if arg != "--debug"]
+            _show_tracebacks()
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["migrate", *args]
         return super().parse_args(ctx, args)
+
+
+def _show_tracebacks() -> None:
+    """``--debug``: each failure's traceback on stderr (failures are reported either way, without one)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("debug: %(name)s: %(message)s"))
+    package = logging.getLogger("dlc_snapshot_fix")
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG)
 
 
 def _fail(message: object, code: ExitCode) -> NoReturn:
@@ -72,7 +85,8 @@ QUIET_OPTION = click.option("--quiet", "-q", is_flag=True, help="Print only the 
 
 @click.group(cls=DefaultToMigrate, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dlc-snapshot-fix")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Also print the traceback of every failure (anywhere on the line).")
+def main(debug: bool) -> None:
     """Make DeepLabCut 3 snapshots saved from DataParallel/DDP/torch.compile models loadable again.
 
     dlc-snapshot-fix PROJECT is short for dlc-snapshot-fix migrate PROJECT.
@@ -305,8 +319,7 @@ def inspect(path: Path, against: Path | None, shuffle: int | None, json_path: st
         for diagnosis in diagnoses:
             for line in diagnosis.render():
                 click.echo(line)
-    fits = all(d.error is None and d.model_check is not None and d.model_check.status != "mismatch" for d in diagnoses)
-    sys.exit(ExitCode.OK if fits and not any(d.prefixes for d in diagnoses) else ExitCode.PROBLEMS)
+    sys.exit(ExitCode.OK if all(d.fits for d in diagnoses) else ExitCode.PROBLEMS)
 
 
 @main.command()
@@ -333,6 +346,11 @@ def adapt(
         plan = adapt_snapshot(snapshot, target_config, output, allow_non_head=allow_non_head, overwrite=overwrite)
     except (ProjectError, AdaptRefusedError, FileExistsError, SnapshotReadError, ValueError) as error:
         _fail(error, ExitCode.PROBLEMS)
+    except Exception as error:  # an odd source file: say so, no traceback unless --debug
+        logging.getLogger("dlc_snapshot_fix").debug("adapt failed", exc_info=True)
+        _fail(
+            f"{snapshot}: cannot be adapted ({type(error).__name__}: {error}); nothing was written", ExitCode.PROBLEMS
+        )
     click.echo(f"wrote {output}: {len(plan.kept)} tensors kept from {snapshot.name}")
     for label, names_ in (("re-initialised", plan.reinitialised), ("dropped from the source", plan.dropped)):
         if names_:

@@ -6,6 +6,7 @@ on the state dict with wrapper prefixes already stripped) into one plain sentenc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import torch
 
-from dlc_snapshot_fix import transforms
+from dlc_snapshot_fix import pickled, transforms, zipappend
 from dlc_snapshot_fix.discover import ProjectError, SnapshotFile, discover_project, read_yaml
-from dlc_snapshot_fix.reading import load_snapshot
-from dlc_snapshot_fix.verify import ModelCheck, ModelChecker
+from dlc_snapshot_fix.reading import SnapshotReadError, load_snapshot
+from dlc_snapshot_fix.verify import ModelCheck, ModelChecker, judge_numpy_metadata
+
+logger = logging.getLogger(__name__)
 
 HEAD = "heads."
 
@@ -36,6 +39,15 @@ class SnapshotDiagnosis:
     cause: str = ""
     fix: str | None = None
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """About the file beyond its fit (numpy metadata), failing ones in ``hints``."""
+    hints: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        """Whether DeepLabCut loads it as it is: readable, no prefix, the model check not failed, no hint."""
+        check = self.model_check
+        return self.error is None and check is not None and check.fits and not self.prefixes and not self.hints
 
     def to_dict(self) -> dict[str, Any]:
         check = self.model_check
@@ -63,6 +75,8 @@ class SnapshotDiagnosis:
             "cause": self.cause,
             "fix": self.fix,
             "error": self.error,
+            "notes": self.notes,
+            "hints": self.hints,
         }
 
     def render(self) -> list[str]:
@@ -79,8 +93,10 @@ class SnapshotDiagnosis:
         if self.model_check is not None:
             against = f" against {self.checked_against}" if self.checked_against else ""
             lines.append(f"  model check{against}: {self.model_check.status}")
-            if self.model_check.status == "mismatch":
+            if self.model_check.status in ("mismatch", "refused"):
                 lines.append(f"    {self.model_check.summary()}")
+        lines += [f"  problem: {hint}" for hint in self.hints]
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append(f"  likely cause: {self.cause}")
         if self.fix:
             lines.append(f"  fix: {self.fix}")
@@ -113,6 +129,13 @@ def likely_cause(
     if check.status == "skipped":
         return (wrapped or "No wrapper prefix. ") + f"Not checked against a model: {check.reason}.", (
             migrate if prefixes else None
+        )
+    if check.status == "refused":
+        numpy = "numpy" in check.reason
+        return wrapped + f"{check.reason}.", (
+            "dlc-snapshot-fix PROJECT --fix-metadata (numpy metadata made plain numbers, with a backup)"
+            if numpy
+            else None
         )
     if check.status == "ok":
         fits = "Without it the state dict loads strictly" if prefixes else "Loads strictly"
@@ -157,31 +180,56 @@ def _trained_bodyparts(check: ModelCheck, configured: int | None) -> int | None:
 
 
 def diagnose_file(snapshot_file: SnapshotFile, checker: ModelChecker, against: Path | None = None) -> SnapshotDiagnosis:
-    """Everything ``inspect`` says about one snapshot (never raises for a bad file: it says why)."""
+    """Everything ``inspect`` says about one snapshot; never raises for a bad file: it says why."""
     diagnosis = SnapshotDiagnosis(path=snapshot_file.path, entries=[])
     try:
-        snapshot = load_snapshot(snapshot_file.path)
-        fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
-    except Exception as error:  # a diagnosis reports a broken file rather than stopping
-        diagnosis.error = str(error)
+        _diagnose(diagnosis, snapshot_file, checker, against)
+    except Exception as error:  # one odd file is reported, never the end of the run
+        logger.debug("%s: cannot be diagnosed", snapshot_file.path, exc_info=True)
+        diagnosis.error = str(error) or type(error).__name__
+        if not isinstance(error, (SnapshotReadError, transforms.SnapshotFormatError)):
+            diagnosis.error = f"{type(error).__name__}: {diagnosis.error}. Run with --debug for the traceback"
         diagnosis.cause = "The file cannot be used as a snapshot (see the error)."
-        return diagnosis
+    return diagnosis
+
+
+def _diagnose(
+    diagnosis: SnapshotDiagnosis, snapshot_file: SnapshotFile, checker: ModelChecker, against: Path | None
+) -> None:
+    snapshot = load_snapshot(snapshot_file.path)
+    transforms.check_nesting(snapshot)
+    fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
     entry = transforms.present_entries(fixed, snapshot_file.state_dict_entries)[0]
     state_dict = fixed[entry]
     metadata = snapshot.get("metadata") if isinstance(snapshot.get("metadata"), Mapping) else {}
     diagnosis.entries = list(snapshot)
     diagnosis.epoch = _plain(metadata.get("epoch"))
-    diagnosis.metrics = dict(metadata.get("metrics") or {})
+    metrics = metadata.get("metrics")
+    diagnosis.metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
     diagnosis.prefixes = stripped[0].prefixes if stripped else ()
     diagnosis.parameters = sum(t.numel() for t in state_dict.values())
     diagnosis.tensor_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     diagnosis.head_shapes = {k: list(t.shape) for k, t in state_dict.items() if k.startswith(HEAD) and t.ndim > 1}
-    diagnosis.model_check = checker.check(snapshot_file, fixed, entry, against=against)
+    # DeepLabCut's loader reads the file as it is; the state dict checked is the one without the prefix
+    source = snapshot_file.path if snapshot_file.role != "exported" else None
+    diagnosis.model_check = checker.check(snapshot_file, fixed, entry, against=against, source=source)
+    hint, note = judge_numpy_metadata(
+        transforms.numpy_metadata_types(snapshot), [diagnosis.model_check], _numpy_dialect_of(snapshot_file.path)
+    )
+    diagnosis.hints += [hint] if hint else []
+    diagnosis.notes += [note] if note else []
     config_path = against or snapshot_file.pytorch_config
     diagnosis.checked_against = str(config_path) if config_path else None
     configured = heatmap_count(_model_section(config_path)) if config_path else None
     diagnosis.cause, diagnosis.fix = likely_cause(diagnosis.model_check, diagnosis.prefixes, configured)
-    return diagnosis
+
+
+def _numpy_dialect_of(path: Path) -> str | None:
+    try:
+        layout = zipappend.read_layout(path)
+        return pickled.numpy_dialect(zipappend.read_member(path, layout, layout.pickle_record()))
+    except (zipappend.NotAppendable, OSError):
+        return None
 
 
 def _model_section(pytorch_config: Path) -> Mapping[str, Any] | None:

@@ -8,8 +8,8 @@ others are still processed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,9 +17,9 @@ from typing import Any
 
 import filelock
 
-from dlc_snapshot_fix import names, pickled, store, transforms, zipappend
+from dlc_snapshot_fix import names, pickled, store, transforms, verify, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
-from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
+from dlc_snapshot_fix.reading import SnapshotReadError, check_within_bounds, is_zip_snapshot, load_snapshot
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
 from dlc_snapshot_fix.verify import (
     ModelChecker,
@@ -28,6 +28,8 @@ from dlc_snapshot_fix.verify import (
     same_structure,
     streamed_differences,
 )
+
+logger = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 0
 """Another run holding the project's lock makes this one stop at once rather than wait."""
@@ -197,12 +199,15 @@ class _Plan:
     stripped: list[transforms.StrippedEntry]
     changes: list[str]
     destination: Path
-    hints: list[str]
-    """Problems DeepLabCut will still have with the result, and the option that fixes each."""
+    numpy_types: list[str]
+    """numpy scalar types left in ``metadata`` (one per scalar): whether DeepLabCut reads them is its call."""
     append: tuple[zipappend.ZipLayout, bytes] | None = None
     """For the fast path: the original's layout and the new ``data.pkl``; ``None`` for a full rewrite."""
     expected_records: Any = None
     """For a rewrite of a zip: the result as tensor records, so the read-back can stream instead of map."""
+    result_pickle: bytes | None = None
+    """The result's ``data.pkl`` when known without writing (a recorded pickle): what a check shows DeepLabCut."""
+    layout: zipappend.ZipLayout | None = None
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -214,33 +219,43 @@ def _identity(path: Path) -> tuple[int, int, int]:
 def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
     """Read and transform (pure after the read); the fast path where asked and possible, else a full load."""
     recorded = None
+    is_zip = check_within_bounds(snapshot_file.path)  # before any reader allocates what the file declares
+    # torch itself must read the file as it is (memory-mapped: no tensor data is read): never "fix" what it cannot open
+    loaded = load_snapshot(snapshot_file.path, trust=options.trust)
     with contextlib.suppress(zipappend.NotAppendable, pickled.NotRecordable, OSError):
+        if not is_zip:
+            raise zipappend.NotAppendable("torch's legacy format")
         layout = zipappend.read_layout(snapshot_file.path)
-        records, order = pickled.loads(zipappend.read_member(snapshot_file.path, layout, layout.pickle_record()))
+        original_pickle = zipappend.read_member(snapshot_file.path, layout, layout.pickle_record())
+        records, order = pickled.loads(original_pickle)
         recorded = _transform(snapshot_file, records, options)
+        recorded.layout = layout
+        recorded.result_pickle = pickled.dumps(recorded.fixed, order) if recorded.changes else original_pickle
         if options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best):
             if recorded.changes:
-                recorded.append = (layout, pickled.dumps(recorded.fixed, order))
+                recorded.append = (layout, recorded.result_pickle)
             return recorded
-    plan = _transform(snapshot_file, load_snapshot(snapshot_file.path, trust=options.trust), options)
-    plan.expected_records = recorded.fixed if recorded is not None else None
+    plan = _transform(snapshot_file, loaded, options)
+    if recorded is not None:
+        plan.expected_records, plan.result_pickle, plan.layout = recorded.fixed, recorded.result_pickle, recorded.layout
     return plan
 
 
-def _transform(snapshot_file: SnapshotFile, snapshot: dict, options: MigrationOptions) -> _Plan:
+def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOptions) -> _Plan:
     """Pure: every change the options ask for, applied to a loaded (or recorded) snapshot."""
-    fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
-    hints: list[str] = []
-    changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
-    as_python, count = transforms.numpy_metadata_to_python(fixed)
-    if count and options.fix_metadata:
-        fixed = as_python
-        changes.append(f"{count} numpy scalar(s) in 'metadata' made plain numbers")
-    elif count:
-        hints.append(
-            f"'metadata' holds {count} numpy scalar(s): DeepLabCut's weights-only loading refuses this file. "
-            "Add --fix-metadata"
+    transforms.check_nesting(snapshot)
+    if not isinstance(snapshot, dict):
+        raise transforms.SnapshotFormatError(
+            f"holds a {type(snapshot).__name__}, not a DeepLabCut snapshot dict. Snapshots are "
+            "torch.save({'model': ..., 'metadata': ...}); leave this file alone or move it out of the model folder"
         )
+    fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
+    changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
+    numpy_types = transforms.numpy_metadata_types(fixed)
+    if numpy_types and options.fix_metadata:
+        fixed, count = transforms.numpy_metadata_to_python(fixed)
+        changes.append(f"{count} numpy scalar(s) in 'metadata' made plain numbers")
+        numpy_types = []
     destination = snapshot_file.path
     if options.rename_legacy_best and snapshot_file.legacy_best:
         epoch = transforms.epoch_of(fixed)
@@ -252,7 +267,7 @@ def _transform(snapshot_file: SnapshotFile, snapshot: dict, options: MigrationOp
         if destination.exists():
             raise transforms.SnapshotFormatError(f"cannot rename: {destination.name} exists already")
         changes.append(f"renamed to {destination.name} (DeepLabCut's scorer name for it changes)")
-    return _Plan(fixed, stripped, changes, destination, hints)
+    return _Plan(fixed, stripped, changes, destination, numpy_types)
 
 
 def _migrate_one(
@@ -262,9 +277,33 @@ def _migrate_one(
     checker: ModelChecker,
     options: MigrationOptions,
 ) -> SnapshotResult:
+    """One snapshot, fenced: whatever goes wrong becomes this snapshot's failure, and the run goes on."""
     started = time.perf_counter()
+    result = SnapshotResult(path=snapshot_file.path, role=snapshot_file.role, status=Status.CLEAN)
+    before = _identity_or_none(snapshot_file.path)
+    try:
+        _migrate_fenced(result, snapshot_file, project, writer, checker, options)
+    except (ProjectBusyError, store.ManifestError):
+        raise  # about the whole project, not this file: the caller stops the project
+    except Exception as error:
+        logger.debug("%s: unexpected error", snapshot_file.path, exc_info=True)
+        changed = _identity_or_none(snapshot_file.path) != before
+        result.reason = _unexpected_reason(error, changed)
+        result.status = Status.FAILED
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _migrate_fenced(
+    result: SnapshotResult,
+    snapshot_file: SnapshotFile,
+    project: Path,
+    writer: _ProjectWriter | None,
+    checker: ModelChecker,
+    options: MigrationOptions,
+) -> None:
+    """read → transform → (back up, write, read back) → ask DeepLabCut; errors the steps expect become reasons."""
     path = snapshot_file.path
-    result = SnapshotResult(path=path, role=snapshot_file.role, status=Status.CLEAN)
     try:
         seen = _identity(path)
         result.size = path.stat().st_size
@@ -276,11 +315,13 @@ def _migrate_one(
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
         result.status = Status.FAILED
         result.reason = _failure_reason(error)
-        result.seconds = time.perf_counter() - started
-        return result
-    result.stripped, result.changes, result.hints = plan.stripped, plan.changes, plan.hints
-    for entry in transforms.present_entries(plan.fixed, snapshot_file.state_dict_entries):
-        result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
+        return
+    result.stripped, result.changes = plan.stripped, plan.changes
+    entries = transforms.present_entries(plan.fixed, snapshot_file.state_dict_entries)
+    if snapshot_file.role == "exported":  # DeepLabCut-Live loads these, not DeepLabCut's runners: check in memory
+        for entry in entries:
+            result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
+    planned_tail = _planned_tail(plan) if plan.changes and writer is None else None
     if plan.changes:
         result.status = Status.NEEDS_FIX
         if writer is not None:
@@ -290,8 +331,28 @@ def _migrate_one(
                 _append(result, project, manifest, plan, options.hash_files)
             else:
                 _rewrite(result, project, manifest, plan, options.trust)
-    result.seconds = time.perf_counter() - started
-    return result
+    if result.status == Status.FAILED or snapshot_file.role == "exported":
+        return
+    for entry in entries:  # DeepLabCut's verdict on the file as it is now (or, for a check, as it will be)
+        if result.status in (Status.CLEAN, Status.FIXED):
+            result.model_checks[entry] = checker.check(snapshot_file, None, entry, source=plan.destination)
+        elif planned_tail is not None:
+            opener = verify.joined_opener(path, planned_tail)
+            result.model_checks[entry] = checker.check(snapshot_file, None, entry, source=opener)
+        else:  # a pickle only a full load reads: DeepLabCut reads the file as it is, the keys are the planned ones
+            result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry, source=path)
+    dialect = pickled.numpy_dialect(plan.result_pickle) if plan.result_pickle else None
+    hint, note = verify.judge_numpy_metadata(plan.numpy_types, result.model_checks.values(), dialect)
+    result.hints += [hint] if hint else []
+    result.notes += [note] if note else []
+
+
+def _planned_tail(plan: _Plan) -> bytes | None:
+    """What an append would add: the file DeepLabCut is asked about in a check, without writing it."""
+    if plan.layout is None or plan.result_pickle is None:
+        return None
+    body, end = zipappend.build_tail(plan.layout, plan.result_pickle)
+    return body + end
 
 
 def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, trust: bool) -> None:
@@ -329,8 +390,8 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
             differences = streamed_differences(backup, destination, plan.expected_records)
         else:  # torch's legacy format, or a pickle only a full load reads (with --trust)
             differences = compare_snapshots(plan.fixed, load_snapshot(destination, trust=trust))
-    except (SnapshotReadError, zipappend.NotAppendable, pickled.NotRecordable, zipfile.BadZipFile, OSError) as error:
-        differences = [f"the new file does not read back: {error}"]
+    except Exception as error:  # whatever keeps the result from being proven puts the original back
+        differences = [f"the new file does not read back: {type(error).__name__}: {error}"]
     if differences:
         _undo(entry, project)
         manifest.save()
@@ -417,7 +478,8 @@ def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes
         ]:
             return ["the directory lists other members"]
         reread, order = pickled.loads(zipappend.read_member(path, new_layout, record))
-    except (zipappend.NotAppendable, pickled.NotRecordable, OSError) as error:
+        load_snapshot(path)  # and torch, memory-mapped, reads the new file
+    except (zipappend.NotAppendable, pickled.NotRecordable, SnapshotReadError, OSError) as error:
         return [f"the appended file does not read back: {error}"]
     if order != list(dict.fromkeys(r.storage.key for r in records_in(expected))):
         return ["storages are referenced in another order"]
@@ -495,6 +557,24 @@ def _restore_append(result: SnapshotResult, entry: store.ManifestEntry, path: Pa
 def _describe(error: Exception) -> str:
     """An OS error's own words ("No space left on device"), else the error's message."""
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def _identity_or_none(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return _identity(path)
+    except OSError:
+        return None
+
+
+def _unexpected_reason(error: Exception, changed: bool) -> str:
+    """An error no step expected: say what it was, what state the file is in (looked at, not assumed), what next."""
+    what = f"{type(error).__name__}: {_describe(error)}" if str(error) else type(error).__name__
+    if changed:
+        return (
+            f"changed, then {what} was raised. The original is kept: "
+            "`dlc-snapshot-fix restore PROJECT` puts it back. Run with --debug for the traceback"
+        )
+    return f"cannot be handled ({what}); the file is left as it is. Run with --debug for the traceback"
 
 
 def _failure_reason(error: Exception) -> str:

@@ -44,11 +44,16 @@ import torch
 from dlc_snapshot_fix import transforms
 
 TESTED_VERSIONS = ("3.0.0", "3.0.1", "3.0.2")
+"""The DeepLabCut versions a cell of the CI matrix runs the plugin's load paths on (``scripts/matrix.sh``)."""
 PACKAGE = "deeplabcut.pose_estimation_pytorch"
 
 
 class PluginError(RuntimeError):
     """The installed DeepLabCut lacks a hook point the plugin needs; nothing was patched."""
+
+
+class UntestedDeepLabCutWarning(RuntimeWarning):
+    """The installed DeepLabCut is not one the test matrix runs; the plugin installs, loudly."""
 
 
 class PrefixedSnapshotWarning(UserWarning):
@@ -110,11 +115,11 @@ def strip_loaded(snapshot: Any, source: Any) -> Any:
     Anything unexpected (not a dict, no ``model``, mixed prefixes) is returned unchanged,
     so DeepLabCut reports it exactly as it would without the plugin.
     """
-    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("model"), Mapping):
-        return snapshot
     try:
+        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("model"), Mapping):
+            return snapshot
         stripped, changes = transforms.strip_wrapper_prefixes(snapshot, ("model",))
-    except transforms.SnapshotFormatError:
+    except Exception:  # whatever is odd about the file, DeepLabCut reports it in its own words
         return snapshot
     if changes:
         _warn_once(source, changes[0].prefixes)
@@ -171,7 +176,7 @@ def _clean_update(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def update(self, epoch: int, state_dict: dict, *args, **kwargs) -> None:
         if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), Mapping):
-            with contextlib.suppress(transforms.SnapshotFormatError):
+            with contextlib.suppress(Exception):  # an odd state dict is saved as DeepLabCut gave it
                 state_dict, _ = transforms.strip_wrapper_prefixes(state_dict, ("model",))
         return original(self, epoch, state_dict, *args, **kwargs)
 
@@ -185,6 +190,13 @@ def _plan_patches() -> list[_Patch]:
     except ImportError as error:
         raise PluginError("deeplabcut is not installed; the plugin patches DeepLabCut 3.0.x") from error
     version = getattr(deeplabcut, "__version__", "unknown")
+    if version not in TESTED_VERSIONS:
+        warnings.warn(
+            f"dlc-snapshot-fix's plugin was tested with deeplabcut {', '.join(TESTED_VERSIONS)}, not {version}: "
+            "its hook points are there, but check that prefixed snapshots load before you rely on it",
+            UntestedDeepLabCutWarning,
+            stacklevel=3,
+        )
 
     def missing(hook: str) -> PluginError:
         return PluginError(

@@ -51,6 +51,8 @@ class SnapshotResult:
     renamed_to: Path | None = None
     hints: list[str] = field(default_factory=list)
     """What DeepLabCut will still fail on, with the option that fixes it."""
+    notes: list[str] = field(default_factory=list)
+    """Worth knowing, not a failure (numpy metadata DeepLabCut reads but other loaders refuse)."""
     model_checks: dict[str, ModelCheck] = field(default_factory=dict)
     size: int | None = None
     sha256_before: str | None = None
@@ -62,7 +64,7 @@ class SnapshotResult:
 
     @property
     def fits_model(self) -> bool:
-        return all(check.status != "mismatch" for check in self.model_checks.values())
+        return all(check.fits for check in self.model_checks.values())
 
     @property
     def ok(self) -> bool:
@@ -76,6 +78,7 @@ class SnapshotResult:
         for change in self.changes:
             parts.append(f"would be {change}" if self.status == Status.NEEDS_FIX else change)
         parts += self.hints
+        parts += self.notes
         for entry, check in self.model_checks.items():
             text = check.summary()
             if check.status == "mismatch":
@@ -117,6 +120,7 @@ class ProjectReport:
                     "changes": r.changes,
                     "renamed_to": str(r.renamed_to) if r.renamed_to else None,
                     "hints": r.hints,
+                    "notes": r.notes,
                     "stripped": [
                         {"entry": s.entry, "prefixes": list(s.prefixes), "keys": s.key_count} for s in r.stripped
                     ],

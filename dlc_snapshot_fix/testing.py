@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -26,17 +27,29 @@ def build_pose_model(pytorch_config: Path) -> torch.nn.Module:
     return verify.build_pose_model(config["model"])
 
 
+RC5_METRICS = {"test.rmse": 3.25, "test.rmse_pcutoff": 3.25, "test.mAP": 0.5, "test.mAR": 0.5}
+"""What rc5 recorded after evaluating a snapshot (used where the run being imitated recorded none)."""
+
+
+def rc5_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` as 3.0.0rc5 saved it: every metric a numpy float64 (it stored ``np.mean(...)`` results)."""
+    metrics = metadata.get("metrics") or RC5_METRICS
+    return {**metadata, "metrics": {name: np.float64(value) for name, value in metrics.items()}}
+
+
 def save_like_multi_gpu_rc5(path: Path, model: torch.nn.Module, snapshot: dict[str, Any]) -> Path:
     """Save ``snapshot`` with ``model``'s weights as DeepLabCut 3.0.0rc5 did after a two-GPU run.
 
     rc5's ``TrainingRunner`` wrapped the model in ``torch.nn.DataParallel`` when
     ``runner.gpus`` listed several GPUs and saved ``wrapper.state_dict()``, so every key
     starts with ``module.``. Without CUDA, DataParallel is a pass-through wrapper, so
-    the saved keys (and ``_metadata``) are exactly those of a real two-GPU run.
+    the saved keys (and ``_metadata``) are exactly those of a real two-GPU run. Its
+    metrics were numpy float64, pickled under the numpy installed here.
     """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")  # never truncate a file that may be memory-mapped
-    torch.save({**snapshot, "model": torch.nn.DataParallel(model).state_dict()}, partial)
+    metadata = rc5_metadata(snapshot.get("metadata") or {})
+    torch.save({**snapshot, "metadata": metadata, "model": torch.nn.DataParallel(model).state_dict()}, partial)
     os.replace(partial, path)
     return path
 
@@ -118,6 +131,19 @@ def write_labels(config: Path, scorer: str, bodyparts: tuple[str, ...]) -> None:
         frame_labels.to_csv(folder / f"CollectedData_{scorer}.csv")
 
 
+def copy_project(source: Path, destination: Path, ignore: Any = None) -> Path:
+    """Copy a project and point its ``project_path`` at the copy, as a user moving a project must.
+
+    DeepLabCut 3.0.2 repairs a stale ``project_path`` itself; 3.0.0 and 3.0.1 follow it
+    back to the original folder (and would evaluate the original's snapshots).
+    """
+    from deeplabcut.utils.auxiliaryfunctions import edit_config
+
+    shutil.copytree(source, destination, ignore=ignore)
+    edit_config(str(destination / "config.yaml"), {"project_path": str(destination)})
+    return destination
+
+
 def make_sample_project(destination: Path, bodyparts: tuple[str, ...] = BODYPARTS) -> Path:
     """A tiny real project at ``destination``: DeepLabCut's own files, frames labelled from the known dots."""
     import deeplabcut
@@ -140,5 +166,5 @@ def make_sample_project(destination: Path, bodyparts: tuple[str, ...] = BODYPART
             engine=deeplabcut.Engine.PYTORCH,
             userfeedback=False,
         )
-        shutil.copytree(config.parent, destination)
+        copy_project(config.parent, destination)
     return destination

@@ -26,6 +26,29 @@ class SnapshotFormatError(ValueError):
     """The snapshot dict is not shaped like a DeepLabCut snapshot; nothing is changed."""
 
 
+MAX_NESTING = 64
+"""Deepest container nesting accepted; DeepLabCut's snapshots nest four levels (metadata → metrics → value)."""
+
+
+def check_nesting(snapshot: Any, limit: int = MAX_NESTING) -> None:
+    """Refuse containers nested deeper than ``limit`` before anything recursive walks them.
+
+    Iterative, so a pickle nested tens of thousands of levels deep is refused with a
+    reason instead of ending the run in a ``RecursionError``.
+    """
+    stack: list[tuple[Any, int]] = [(snapshot, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if depth >= limit:
+                raise SnapshotFormatError(
+                    f"containers nested more than {limit} levels deep; DeepLabCut never writes that, "
+                    "so this is not a snapshot DeepLabCut made"
+                )
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+
+
 @dataclass(frozen=True)
 class StrippedEntry:
     """Wrapper prefixes removed from one state dict of a snapshot (``model``, ``pose`` or ``detector``)."""
@@ -123,6 +146,21 @@ def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any
         return dict(snapshot), 0
     metadata = plain(snapshot["metadata"])
     return ({**snapshot, "metadata": metadata} if count else dict(snapshot)), count
+
+
+def numpy_metadata_types(snapshot: Mapping[str, Any]) -> list[str]:
+    """The numpy scalar types in ``metadata``, one name per scalar (``float64``, ``int64``, ...)."""
+    found: list[str] = []
+    stack = [snapshot.get("metadata")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, np.generic):
+            found.append(type(value).__name__)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return sorted(found)
 
 
 def epoch_of(snapshot: Mapping[str, Any]) -> int | None:

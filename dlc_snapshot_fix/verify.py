@@ -1,16 +1,23 @@
-"""Prove a result: the file reads back as intended, and it loads into its DeepLabCut model.
+"""Prove a result: the file reads back as intended, and DeepLabCut itself loads it.
 
-``compare_snapshots`` and ``compare_to_model`` are pure; ``ModelChecker`` builds the
-model a ``pytorch_config.yaml`` describes with the real DeepLabCut (as its inference
-does, with no weight download) and is skipped, saying so, where DeepLabCut is absent.
+``compare_snapshots`` and ``compare_to_model`` are pure. ``ModelChecker`` asks the
+installed DeepLabCut, never a guess of it: the file goes through DeepLabCut's own
+snapshot loader (``runners.base.attempt_snapshot_load``, the function its runners
+call, with the ``weights_only`` its ``pytorch_config.yaml`` or default gives), and the
+state dict then loads strictly into the model that config builds (as its inference
+does, with no weight download). Where DeepLabCut is absent the check is skipped, saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
+import logging
+import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -122,7 +129,8 @@ def streamed_differences(original: Path, written: Path, expected: Any) -> list[s
 CHUNK = 1 << 20
 
 
-CheckStatus = Literal["ok", "mismatch", "skipped"]
+CheckStatus = Literal["ok", "mismatch", "refused", "skipped"]
+"""``refused``: DeepLabCut's own snapshot loader does not read the file at all."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,10 @@ class ModelCheck:
     unexpected: dict[str, int] = field(default_factory=dict)
     shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     """``(key, shape in snapshot, shape in model)``."""
+
+    @property
+    def fits(self) -> bool:
+        return self.status not in ("mismatch", "refused")
 
     def summary(self) -> str:
         if self.status != "mismatch":
@@ -174,6 +186,148 @@ def deeplabcut_available() -> bool:
     return importlib.util.find_spec("deeplabcut") is not None
 
 
+def deeplabcut_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deeplabcut")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+LoadSource = Path | Callable[[], io.BufferedIOBase]
+"""What DeepLabCut's loader reads: a file, or a stream opener (a planned file that is not written yet)."""
+
+
+class _DropDeepLabCutLoadError(logging.Filter):
+    """``attempt_snapshot_load`` logs a page of advice before re-raising; the refusal is reported here instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("Failed to load the snapshot")
+
+
+@contextlib.contextmanager
+def _quiet_deeplabcut_loader() -> Iterator[None]:
+    drop = _DropDeepLabCutLoadError()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def deeplabcut_load(source: LoadSource, weights_only: bool | None = None) -> Any:
+    """Load ``source`` exactly as DeepLabCut's runners do: its ``attempt_snapshot_load``, on the CPU.
+
+    ``weights_only=None`` is DeepLabCut's own default (``get_load_weights_only()``,
+    ``TORCH_LOAD_WEIGHTS_ONLY``). Importing that module is also what registers the numpy
+    types DeepLabCut allow-lists, so the answer is the one DeepLabCut gives.
+    """
+    from deeplabcut.pose_estimation_pytorch.runners.base import attempt_snapshot_load
+
+    with _quiet_deeplabcut_loader():
+        if isinstance(source, (str, os.PathLike)):
+            return attempt_snapshot_load(source, "cpu", weights_only)
+        with source() as stream:
+            return attempt_snapshot_load(stream, "cpu", weights_only)
+
+
+def loader_refusal(error: BaseException) -> str:
+    """The diagnosis inside torch's weights-only error (it opens with advice to disable safety)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+        if " was not an allowed global" in detail:
+            return detail.split(" was not an allowed global")[0] + " is not allowed"
+        if "but got " in detail:
+            return f"{detail.split('but got ', 1)[1]} is not allow-listed"
+        return detail or "refused"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class JoinedFile(io.RawIOBase):
+    """A file's bytes followed by ``tail``, read-only: the result of an append, before it is written."""
+
+    def __init__(self, path: Path, tail: bytes):
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._size = os.fstat(self._file.fileno()).st_size
+        self._tail = tail
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size + len(self._tail)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        wanted = len(buffer)
+        if self._position < self._size:
+            self._file.seek(self._position)
+            data = self._file.read(min(wanted, self._size - self._position))
+        else:
+            start = self._position - self._size
+            data = self._tail[start : start + wanted]
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def judge_numpy_metadata(
+    numpy_types: list[str], checks: Iterable[ModelCheck], dialect: str | None
+) -> tuple[str | None, str | None]:
+    """(a failure hint, a note) for numpy scalars left in ``metadata``: a note when DeepLabCut reads them.
+
+    DeepLabCut 3.0.x allow-lists numpy's ``dtype``, ``Float64DType`` and ``scalar`` (by
+    object, so only under the name its own numpy gives ``scalar``: numpy 1.x pickles say
+    ``numpy.core``, numpy 2.x ones ``numpy._core``). Where DeepLabCut ran, its verdict is
+    in ``checks``; where it did not, this says what DeepLabCut 3.0.x does, which the tests
+    check against the real one. ``dialect`` names the numpy whose names the pickle uses.
+    """
+    if not numpy_types:
+        return None, None
+    kinds = ", ".join(sorted(set(numpy_types)))
+    held = f"'metadata' holds {len(numpy_types)} numpy scalar(s) ({kinds}), as DeepLabCut 3.0.0rc5 and older saved them"
+    fix = "--fix-metadata makes them plain numbers, which every loader reads"
+    other = {"numpy 1.x": "numpy 2.x", "numpy 2.x": "numpy 1.x"}.get(dialect or "")
+    also = f", and so does DeepLabCut running with {other} (the pickle uses {dialect}'s names)" if other else ""
+    verdicts = [check for check in checks if check.status != "skipped"]
+    refusals = [check.reason for check in verdicts if check.status == "refused"]
+    if refusals:  # DeepLabCut's word is in the check; say what fixes it when numpy is what it refused
+        return (f"{held}. {fix}" if any("numpy" in reason for reason in refusals) else None), None
+    if verdicts:
+        return None, (
+            f"{held}: DeepLabCut {deeplabcut_version()} reads them (it allow-lists numpy float64), but a bare "
+            f"torch.load(weights_only=True) refuses this file{also}. {fix}"
+        )
+    if set(numpy_types) <= {"float64"}:
+        return None, (
+            f"{held}: DeepLabCut 3.0.x (numpy >= 1.25) reads numpy float64 pickled under the numpy it runs with"
+            f"{f' (here {dialect})' if dialect else ''}; a bare torch.load(weights_only=True) refuses this file"
+            f"{also}. {fix}"
+        )
+    return f"{held}: DeepLabCut 3.0.x allow-lists numpy float64 only, so its loader refuses this file. {fix}", None
+
+
+def joined_opener(path: Path, tail: bytes) -> Callable[[], io.BufferedIOBase]:
+    return lambda: io.BufferedReader(JoinedFile(path, tail), buffer_size=1 << 20)
+
+
 def build_pose_model(model_config: Mapping[str, Any]) -> torch.nn.Module:
     """The pose model a ``pytorch_config.yaml``'s ``model`` section describes, built as DeepLabCut's inference does.
 
@@ -194,16 +348,31 @@ def model_config_from(pytorch_config: Path) -> tuple[dict | None, str]:
 
 
 class ModelChecker:
-    """Builds each DeepLabCut model once and checks state dicts against it."""
+    """Asks the installed DeepLabCut whether a snapshot loads: its loader, then a strict load into its model.
+
+    Each model is built once per ``pytorch_config.yaml``.
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._models: dict[str, torch.nn.Module] = {}
 
     def check(
-        self, snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str, against: Path | None = None
+        self,
+        snapshot_file: SnapshotFile,
+        snapshot: Mapping[str, Any] | None,
+        entry: str,
+        against: Path | None = None,
+        source: LoadSource | None = None,
     ) -> ModelCheck:
-        """Check ``snapshot[entry]`` against its own model config, or the ``pytorch_config.yaml`` ``against``."""
+        """Check ``entry`` against its own model config, or the ``pytorch_config.yaml`` ``against``.
+
+        With ``source`` (a file, or a planned file as a stream), DeepLabCut's own loader
+        reads it first and a refusal is the verdict; the state dict checked is
+        ``snapshot[entry]`` when ``snapshot`` is given (what the file will hold once
+        migrated), else what DeepLabCut loaded. Exported models are loaded by
+        DeepLabCut-Live, not by that loader: they are checked in memory.
+        """
         if not self.enabled:
             return ModelCheck("skipped", "model check not requested")
         if not deeplabcut_available():
@@ -213,22 +382,54 @@ class ModelChecker:
                 "skipped",
                 "detector not checked: building torchvision's detector downloads backbone weights",
             )
+        loaded: Any = None
+        if source is not None and snapshot_file.role != "exported":
+            try:
+                loaded = deeplabcut_load(source, self._weights_only(snapshot_file))
+            except Exception as error:  # whatever DeepLabCut raises is its verdict
+                return ModelCheck(
+                    "refused",
+                    f"DeepLabCut {deeplabcut_version()}'s snapshot loader refuses it: {loader_refusal(error)}",
+                )
+        if snapshot is None:
+            snapshot = loaded if isinstance(loaded, Mapping) else {}
         if against is not None:
-            model_config, source = model_config_from(against)
+            model_config, config_source = model_config_from(against)
         else:
-            model_config, source = self._pose_model_config(snapshot_file, snapshot)
+            model_config, config_source = self._pose_model_config(snapshot_file, snapshot)
         if model_config is None:
-            return ModelCheck("skipped", source)
+            return ModelCheck("skipped", config_source)
         try:
-            model = self.model(source, model_config)
+            model = self.model(config_source, model_config)
         except Exception as error:  # DeepLabCut's builders raise many types for a bad config
-            return ModelCheck("skipped", f"could not build the model from {source}: {error}")
-        state_dict = snapshot[entry]
+            return ModelCheck("skipped", f"could not build the model from {config_source}: {error}")
+        state_dict = snapshot.get(entry)
+        if not isinstance(state_dict, Mapping):
+            return ModelCheck("mismatch", f"no {entry!r} state dict", missing=keys.group_by_module(model.state_dict()))
         result = compare_to_model({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
         if result.status == "ok" and all(isinstance(t, torch.Tensor) for t in state_dict.values()):
             model.load_state_dict(state_dict, strict=True)  # the real thing, as DeepLabCut calls it
-        # (tensors recorded from the pickle by the fast path are compared by shape only: no data is read)
+        # (tensors recorded from the pickle are compared by shape only: no data is read)
+        if result.status == "ok" and loaded is not None:
+            return ModelCheck(
+                "ok",
+                f"DeepLabCut {deeplabcut_version()} loads it: its snapshot loader reads the file and the state dict "
+                "loads strictly into the model its pytorch_config.yaml builds",
+            )
         return result
+
+    @staticmethod
+    def _weights_only(snapshot_file: SnapshotFile) -> bool | None:
+        """``runner.load_weights_only`` (``detector.runner`` for a detector) as DeepLabCut's apis read it."""
+        if snapshot_file.pytorch_config is None:
+            return None
+        try:
+            config = read_yaml(snapshot_file.pytorch_config)
+        except Exception:  # an unreadable config is reported by discovery; DeepLabCut's default applies
+            return None
+        runner = config.get("runner") if isinstance(config, Mapping) else None
+        value = runner.get("load_weights_only") if isinstance(runner, Mapping) else None
+        return value if isinstance(value, bool) else None
 
     @staticmethod
     def _pose_model_config(snapshot_file: SnapshotFile, snapshot: Mapping[str, Any]) -> tuple[dict | None, str]:

@@ -69,6 +69,13 @@ class ZipLayout:
 
 def read_layout(path: Path) -> ZipLayout:
     """Parse the end records and central directory; refuse anything but a plain torch zip."""
+    try:
+        return _read_layout(path)
+    except (struct.error, UnicodeDecodeError, ValueError, StopIteration, OverflowError) as error:
+        raise NotAppendable(f"a zip structure this reader does not take ({error})") from error
+
+
+def _read_layout(path: Path) -> ZipLayout:
     size = os.path.getsize(path)
     with open(path, "rb") as stream:
         window = min(size, SEARCH_WINDOW)
@@ -134,6 +141,13 @@ def _extra_fields(extra: bytes) -> list[tuple[int, bytes]]:
 
 def read_member(path: Path, layout: ZipLayout, record: CentralRecord) -> bytes:
     """A stored member's bytes, found through its local header."""
+    try:
+        return _read_member(path, record)
+    except (struct.error, ValueError, StopIteration, OverflowError) as error:
+        raise NotAppendable(f"{record.name}: cannot be read as a stored member ({error})") from error
+
+
+def _read_member(path: Path, record: CentralRecord) -> bytes:
     fields = CENTRAL.unpack_from(record.raw)
     extra = record.raw[CENTRAL.size + fields[10] : CENTRAL.size + fields[10] + fields[11]]
     _, csize, _ = _zip64_values(fields, extra)

@@ -13,6 +13,8 @@ import yaml
 
 TRAIN = "dlc-models-pytorch/iteration-0/testNov22-trainset80shuffle1/train"
 SAMPLE = Path(__file__).parents[1] / "sample_project"
+SAMPLE_MADE_BY = "3.0.2"
+"""The DeepLabCut that made sample_project (scripts/make_sample_project.py)."""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # DeepLabCut must never wait for a hub here
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -67,11 +69,20 @@ def train_dir_of(project: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots."""
-    from dlc_snapshot_fix.testing import build_pose_model
+    """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots.
+
+    sample_project was made by DeepLabCut 3.0.2; under another version the same project is
+    made by that version's own functions (3.0.0 cannot read some of 3.0.2's config keys).
+    """
+    import deeplabcut
+
+    from dlc_snapshot_fix.testing import build_pose_model, copy_project, make_sample_project
 
     project = tmp_path_factory.mktemp("dlc") / "sample project"
-    shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*"))
+    if deeplabcut.__version__ == SAMPLE_MADE_BY:
+        copy_project(SAMPLE, project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*"))
+    else:
+        make_sample_project(project)
     train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
     random_init = project / "random-init.pt"  # outside train/: DeepLabCut must not list it
     torch.save({"model": build_pose_model(train_dir / "pytorch_config.yaml").state_dict()}, random_init)
@@ -90,10 +101,9 @@ def train_one_epoch(project: Path, **options) -> None:
 @pytest.fixture
 def multi_gpu_project(trained_project: Path, tmp_path: Path) -> Path:
     """A fresh copy whose snapshots are what DeepLabCut 3.0.0rc5 saved after a two-GPU run."""
-    from dlc_snapshot_fix.testing import build_pose_model, rewrap_as_dataparallel
+    from dlc_snapshot_fix.testing import build_pose_model, copy_project, rewrap_as_dataparallel
 
-    project = tmp_path / "project"
-    shutil.copytree(trained_project, project)
+    project = copy_project(trained_project, tmp_path / "project")
     train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
     trained = train_dir / "snapshot-001.pt"
     assert trained.is_file(), "DeepLabCut's training wrote no snapshot-001.pt"

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import torch
 from conftest import train_dir_of
 
 from dlc_snapshot_fix import load_snapshot
+from dlc_snapshot_fix.testing import copy_project
 
 pytestmark = pytest.mark.deeplabcut
 
@@ -56,7 +56,7 @@ def test_migration_makes_evaluate_network_work_and_restore_undoes_it(multi_gpu_p
 
     migrated = cli(project)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    assert migrated.stdout.count("loads strictly into its DeepLabCut model") == len(names)
+    assert migrated.stdout.count(f"DeepLabCut {deeplabcut.__version__} loads it: its snapshot loader") == len(names)
     assert f"summary: {len(names)} fixed" in migrated.stdout
     assert sorted(p.name for p in train_dir.glob("*.pt")) == names  # same names: scorers unchanged
 
@@ -137,7 +137,7 @@ def test_a_full_disk_mid_run_leaves_every_snapshot_loadable_and_the_run_resumabl
     snapshot_size = (train_dir_of(multi_gpu_project) / "snapshot-001.pt").stat().st_size
     with tmpfs(tmp_path / "disk", used + snapshot_size // 2) as resize:
         project = tmp_path / "disk" / "project"
-        shutil.copytree(multi_gpu_project, project)
+        copy_project(multi_gpu_project, project)
         train_dir = train_dir_of(project)
         originals = {p.name: p.read_bytes() for p in train_dir.glob("*.pt")}
 
@@ -189,22 +189,3 @@ def test_two_concurrent_runs_never_both_write(multi_gpu_project: Path):
     assert all("another dlc-snapshot-fix run holds" in err for err in busy)
     manifest = json.loads((multi_gpu_project / ".dlc-snapshot-fix" / "manifest.json").read_text())
     assert len(manifest["entries"]) == 2
-
-
-def test_fix_metadata_makes_evaluate_network_load_an_rc5_best_snapshot(multi_gpu_project: Path):
-    """rc5 saved numpy float64 metrics; DeepLabCut 3.0.2's weights-only load refuses them."""
-    import numpy as np
-
-    best = train_dir_of(multi_gpu_project) / "snapshot-best-001.pt"
-    snapshot = load_snapshot(best)
-    snapshot["metadata"] = {**snapshot["metadata"], "metrics": {"test.rmse": np.float64(4.5)}}
-    partial = best.with_name("partial")
-    torch.save(snapshot, partial)
-    os.replace(partial, best)
-
-    assert cli(multi_gpu_project).returncode == 3  # prefix stripped, but it still would not load: says so
-    with pytest.raises(Exception, match="numpy"):
-        evaluate(multi_gpu_project / "config.yaml")
-    fixed = cli(multi_gpu_project, "--fix-metadata")
-    assert fixed.returncode == 0, fixed.stdout
-    evaluate(multi_gpu_project / "config.yaml")

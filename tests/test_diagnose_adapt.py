@@ -14,7 +14,7 @@ from conftest import train_dir_of, train_one_epoch
 
 from dlc_snapshot_fix import load_snapshot
 from dlc_snapshot_fix.diagnose import likely_cause
-from dlc_snapshot_fix.testing import build_pose_model
+from dlc_snapshot_fix.testing import build_pose_model, copy_project
 from dlc_snapshot_fix.verify import ModelCheck
 
 pytestmark = pytest.mark.deeplabcut
@@ -77,10 +77,9 @@ def test_inspect_adapt_and_train_a_three_bodypart_project(multi_gpu_project: Pat
 
 
 def test_adapt_refuses_a_snapshot_of_another_net_type(trained_project: Path, tmp_path: Path):
-    import shutil
 
     project = tmp_path / "project"
-    shutil.copytree(trained_project, project)
+    copy_project(trained_project, project)
     deeplabcut.create_training_dataset(
         str(project / "config.yaml"),
         Shuffles=[2],

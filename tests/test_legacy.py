@@ -45,7 +45,7 @@ def test_fix_metadata_makes_the_file_load_without_an_allow_list(project: Path):
 
     plain = run(project)
     assert plain.exit_code == 3  # prefix fixed, but DeepLabCut would still refuse the file: say how to fix it
-    assert "Add --fix-metadata" in plain.output
+    assert "--fix-metadata makes them plain numbers" in plain.output
     with pytest.raises(Exception, match="numpy"):
         torch.load(path, weights_only=True)
 

@@ -7,6 +7,7 @@ fails as DeepLabCut does today; with it the call succeeds. The snapshot's bytes 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def test_detector_weight_init_from_a_prefixed_snapshot(tmp_path: Path):
     path = tmp_path / "snapshot-detector-best-010.pt"
     torch.save({"metadata": {"epoch": 10}, "model": torch.nn.DataParallel(detector).state_dict()}, path)
     before = path.read_bytes()
-    weight_init = WeightInitialization(detector_snapshot_path=path)
+    weight_init = WeightInitialization(snapshot_path=None, detector_snapshot_path=path)  # (3.0.0 requires both)
 
     with pytest.raises(RuntimeError, match=PREFIX_ERROR):
         DETECTORS.build(dict(config), weight_init=weight_init, pretrained=False)
@@ -219,7 +220,8 @@ def test_a_missing_hook_point_is_a_clear_error_and_patches_nothing(monkeypatch: 
 
     original = base.attempt_snapshot_load
     monkeypatch.delattr(train, "attempt_snapshot_load")
-    with pytest.raises(plugin.PluginError, match=r"deeplabcut 3\.0\.2 has no hook point .*runners\.train"):
+    version = re.escape(deeplabcut.__version__)
+    with pytest.raises(plugin.PluginError, match=rf"deeplabcut {version} has no hook point .*runners\.train"):
         plugin.install()
     assert not plugin.is_installed()
     assert base.attempt_snapshot_load is original
@@ -250,3 +252,15 @@ def test_environment_wide_switch_loads_prefixed_snapshots_in_a_new_process(
     autoload.disable()
     disabled = run()
     assert disabled.returncode != 0 and "Unexpected key(s)" in disabled.stderr
+
+
+def test_an_untested_deeplabcut_version_is_loud(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(deeplabcut, "__version__", "3.0.9")
+    with pytest.warns(plugin.UntestedDeepLabCutWarning, match="not 3.0.9"):
+        plugin.install()
+    plugin.uninstall()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", plugin.UntestedDeepLabCutWarning)
+        plugin.install()  # a tested version: silent
+    plugin.uninstall()

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The environments the README promises, each its own venv built from the registry (CI runs this
+# after `make test`, whose pinned .venv is the main cell: deeplabcut 3.0.2, numpy 2, torch 2.14.1).
+#
+#   scripts/matrix.sh            build every cell (two at a time), then run each cell's tests
+#   scripts/matrix.sh CELL ...   only those cells
+#
+# A cell: a name, what pip installs, which tests run. DeepLabCut cells run the real end-to-end
+# path (rc5 snapshots with numpy metrics -> evaluate_network fails -> migrate, both methods ->
+# passes -> restore), what the tool says about DeepLabCut, and every plugin load path.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=.venv-matrix
+TEST_DEPS="pytest>=8 hypothesis>=6.100"
+TOOL_DEPS="pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60"
+DLC_TESTS="tests/test_verdicts.py tests/test_plugin.py tests/test_numpy_dialects.py
+  tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it
+  tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module
+  tests/test_migrate.py tests/test_reading.py tests/test_keys.py tests/test_append.py"
+TORCH_TESTS="-m not\ deeplabcut"
+
+declare -A INSTALL=(
+  [dlc-3.0.0]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.0"
+  [dlc-3.0.1]="torch==2.6.0 torchvision==0.21.0 deeplabcut==3.0.1"  # the lowest torch pyproject.toml declares
+  [torch-numpy1]="torch==2.13.0 numpy==1.26.4"
+  [torch-numpy2]="torch==2.13.0 numpy>=2,<3"
+)
+declare -A TESTS=(
+  [dlc-3.0.0]="$DLC_TESTS"
+  [dlc-3.0.1]="$DLC_TESTS"
+  [torch-numpy1]="$TORCH_TESTS"
+  [torch-numpy2]="$TORCH_TESTS"
+)
+CELLS=("$@")
+[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0 dlc-3.0.1 torch-numpy1 torch-numpy2)
+
+build() {  # one cell's venv, once per run (a stamp records what it was built from)
+  local cell=$1 venv=$ROOT/$1 wanted="${INSTALL[$1]} $TOOL_DEPS $TEST_DEPS"
+  if [ -f "$venv/.built" ] && [ "$(cat "$venv/.built")" = "$wanted" ]; then return 0; fi
+  rm -rf "$venv" && python3 -m venv "$venv" || return 1
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install --quiet ${INSTALL[$cell]} $TOOL_DEPS $TEST_DEPS 2>&1 | grep -v "^WARNING: Location" >&2
+  "$venv/bin/pip" install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location" >&2
+  "$venv/bin/python" -c "import dlc_snapshot_fix.cli" && echo "$wanted" > "$venv/.built"
+}
+
+mkdir -p "$ROOT"
+declare -A BUILT
+pids=()
+for cell in "${CELLS[@]}"; do  # two builds at a time: pip waits on the network and the disk, not the CPU
+  build "$cell" > "$ROOT/$cell.build.log" 2>&1 &
+  pids+=("$!:$cell")
+  if [ ${#pids[@]} -ge 2 ]; then
+    for entry in "${pids[@]}"; do wait "${entry%%:*}"; BUILT[${entry#*:}]=$?; done
+    pids=()
+  fi
+done
+for entry in "${pids[@]}"; do wait "${entry%%:*}"; BUILT[${entry#*:}]=$?; done
+
+failed=0
+summary=()
+for cell in "${CELLS[@]}"; do
+  echo "=== matrix cell $cell ==="
+  if [ "${BUILT[$cell]}" != 0 ]; then
+    echo "could not build the venv:"; tail -20 "$ROOT/$cell.build.log"
+    summary+=("$cell: BUILD FAILED"); failed=1; continue
+  fi
+  "$ROOT/$cell/bin/python" -m pip freeze 2>/dev/null | grep -i -E "^(deeplabcut|torch|torchvision|numpy)==" | tr '\n' ' '
+  "$ROOT/$cell/bin/python" --version
+  # shellcheck disable=SC2086
+  selection=$(echo ${TESTS[$cell]})  # one line
+  if eval "HF_HUB_OFFLINE=1 MPLBACKEND=Agg $ROOT/$cell/bin/python -m pytest -q -p no:cacheprovider $selection" \
+      > "$ROOT/$cell.test.log" 2>&1; then
+    result=$(tail -1 "$ROOT/$cell.test.log"); summary+=("$cell: $result")
+  else
+    grep -v "^INFO\|^WARNING" "$ROOT/$cell.test.log" | tail -40
+    summary+=("$cell: FAILED: $(tail -1 "$ROOT/$cell.test.log")"); failed=1
+  fi
+  echo "${summary[-1]}"
+done
+echo "=== matrix ==="
+printf '%s\n' "${summary[@]}"
+exit $failed

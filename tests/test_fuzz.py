@@ -1,0 +1,321 @@
+"""Structure-aware fuzzing: whatever a file named like a snapshot holds, the run goes on.
+
+Mutants are made from a real rc5-style snapshot (numpy float64 metrics, ``module.``
+keys): bytes changed in its zip local headers, central directory, end records, member
+names and sizes; its ``data.pkl`` opcodes changed and zipped again validly; pickles of
+arbitrary shape (types at every level, deep nesting) saved by torch. Each mutant sits
+beside a good prefixed snapshot in a project. For ``rewrite``, ``append``, ``--check``
+and ``inspect``: nothing raises, the odd file is named and never written unless it
+migrated cleanly (then ``restore`` gives its bytes back), the good snapshot is still
+migrated, and peak memory stays within the bound.
+
+CI runs ``DLC_FUZZ_EXAMPLES`` (default 500) cases per property, derandomized; a long
+run sets it (and ``DLC_FUZZ_RANDOM=1`` for new cases each time):
+``DLC_FUZZ_EXAMPLES=25000 DLC_FUZZ_RANDOM=1 python -m pytest tests/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TRAIN, TinyPose, make_project, wrapped_state_dict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oddfiles import nested_lists, snapshot_pickle
+
+from dlc_snapshot_fix import load_snapshot, migrate_project, restore_project
+from dlc_snapshot_fix.diagnose import diagnose
+from dlc_snapshot_fix.report import Status
+
+EXAMPLES = int(os.environ.get("DLC_FUZZ_EXAMPLES", "500"))
+PEAK_BOUND_MIB = 256
+HANG_S = 120  # a hang detector, not a speed claim
+
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("DLC_FUZZ_RANDOM") != "1",
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def _saved(obj: object) -> bytes:
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    return stream.getvalue()
+
+
+def _rc5_snapshot() -> dict:
+    torch.manual_seed(0)
+    metadata = {"epoch": 3, "metrics": {"test.rmse": np.float64(2.5), "test.mAP": np.float64(0.5)}}
+    return {"metadata": metadata, "model": wrapped_state_dict(TinyPose(), "dp")}
+
+
+BASE = _saved(_rc5_snapshot())
+GOOD = BASE
+
+
+def _regions(data: bytes) -> dict[str, list[tuple[int, int]]]:
+    """Byte ranges of each zip structure in ``data``, found through Python's zipfile."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = archive.infolist()
+        central_start = archive.start_dir
+    end_start = data.rfind(b"PK\x05\x06")
+    zip64 = data.rfind(b"PK\x06\x06")
+    regions: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    for member in members:
+        name_len, extra_len = struct.unpack_from("<HH", data, member.header_offset + 26)
+        payload = member.header_offset + 30 + name_len + extra_len
+        regions["local header"].append((member.header_offset, payload))
+        regions["member name"].append((member.header_offset + 30, member.header_offset + 30 + name_len))
+        kind = "pickle" if member.filename.endswith("data.pkl") else "payload"
+        regions[kind].append((payload, payload + member.compress_size))
+    regions["central directory"].append((central_start, zip64 if 0 < zip64 < end_start else end_start))
+    regions["end records"].append((min(p for p in (zip64, end_start) if p > 0), len(data)))
+    return regions
+
+
+REGIONS = _regions(BASE)
+CENTRAL_FIELDS = {"compressed size": 20, "size": 24, "name length": 28, "extra length": 30, "offset": 42}
+
+
+@st.composite
+def zip_mutants(draw) -> bytes:
+    """Bytes of the base snapshot changed inside one zip structure, or its sizes set to extremes."""
+    data = bytearray(BASE)
+    kind = draw(st.sampled_from(["bytes", "field", "truncate"]))
+    if kind == "truncate":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    if kind == "field":
+        directory = REGIONS["central directory"][0][0]
+        records = [i for i in range(directory, len(data) - 4) if data[i : i + 4] == b"PK\x01\x02"]
+        record = draw(st.sampled_from(records))
+        field = CENTRAL_FIELDS[draw(st.sampled_from(sorted(CENTRAL_FIELDS)))]
+        width = 2 if field in (28, 30) else 4
+        top = 2 ** (8 * width) - 1
+        value = draw(st.sampled_from([0, 1, top // 2, top]) | st.integers(0, top))
+        data[record + field : record + field + width] = value.to_bytes(width, "little")
+        return bytes(data)
+    start, end = draw(st.sampled_from(REGIONS[draw(st.sampled_from(sorted(REGIONS)))]))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(start, max(start, end - 1)))
+        patch = draw(st.binary(min_size=1, max_size=8))
+        data[at : at + len(patch)] = patch
+    return bytes(data[: len(BASE)]) if draw(st.booleans()) else bytes(data)
+
+
+def _rezipped(pickle: bytes) -> bytes:
+    """The base snapshot zipped again (validly, by zipfile) around another ``data.pkl``."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(BASE)) as original, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as new:
+        for info in original.infolist():
+            new.writestr(info.filename, pickle if info.filename.endswith("/data.pkl") else original.read(info))
+    return out.getvalue()
+
+
+with zipfile.ZipFile(io.BytesIO(BASE)) as _archive:
+    BASE_PICKLE = _archive.read(next(n for n in _archive.namelist() if n.endswith("data.pkl")))
+
+
+@st.composite
+def pickle_mutants(draw) -> bytes:
+    """A valid zip whose ``data.pkl`` had opcodes replaced, inserted or deleted, or is nested deep."""
+    if draw(st.integers(0, 9)) == 0:
+        return _rezipped(snapshot_pickle(nested_lists(draw(st.integers(1, 200_000)))))
+    pickle = bytearray(BASE_PICKLE)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(pickle)))
+        action = draw(st.sampled_from(["replace", "insert", "delete"]))
+        patch = draw(st.binary(min_size=1, max_size=6))
+        if action == "replace":
+            pickle[at : at + len(patch)] = patch
+        elif action == "insert":
+            pickle[at:at] = patch
+        else:
+            del pickle[at : at + len(patch)]
+    return _rezipped(bytes(pickle))
+
+
+LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+    | st.builds(np.float64, st.floats())
+    | st.builds(np.float32, st.floats(width=32))
+    | st.builds(np.int64, st.integers(-(2**63), 2**63 - 1))
+    | st.builds(torch.ones, st.integers(0, 3))
+)
+SHAPES = st.recursive(
+    LEAVES,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=12) | st.integers(), inner, max_size=4)
+    | st.builds(collections.OrderedDict, st.dictionaries(st.text(max_size=20), inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+@st.composite
+def shape_mutants(draw) -> bytes:
+    """torch.save of a snapshot with an arbitrary shape at one level: the whole, ``model``, a key, ``metadata``."""
+    snapshot = _rc5_snapshot()
+    shape = draw(SHAPES)
+    where = draw(st.sampled_from(["whole", "model", "key", "metadata", "extra"]))
+    if where == "whole":
+        return _saved(shape)
+    if where == "key":
+        name = draw(st.sampled_from([*snapshot["model"], "module.extra", "other"]))
+        snapshot["model"][name] = shape
+    else:
+        snapshot[where] = shape
+    return _saved(snapshot)
+
+
+MUTANTS = zip_mutants() | pickle_mutants() | shape_mutants()
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(status.read().split(field + ":")[1].split()[0])
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    project, _, _ = _case(root, GOOD)
+    diagnose(project)  # imports (DeepLabCut's loader, where installed) belong to the baseline, not to a case
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _on_alarm(signum, frame):
+    raise TimeoutError(f"one case took over {HANG_S} s")
+
+
+def _case(scratch: Path, mutant: bytes) -> tuple[Path, Path, Path]:
+    root = Path(tempfile.mkdtemp(dir=scratch))
+    project = make_project(root / "p")
+    good, odd = project / TRAIN / "snapshot-001.pt", project / TRAIN / "snapshot-002.pt"
+    good.write_bytes(GOOD)
+    odd.write_bytes(mutant)
+    return project, good, odd
+
+
+def _check_run(scratch: Path, mutant: bytes, run) -> None:
+    (scratch / "last-case.bin").write_bytes(mutant)  # a crash (not an exception) leaves the case behind
+    project, good, odd = _case(scratch, mutant)
+    baseline = _kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # peak RSS counts from here
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(HANG_S)
+    try:
+        run(project, good, odd)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    peak = (_kib("VmHWM") - baseline) / 1024
+    assert peak <= PEAK_BOUND_MIB, f"peak RSS {peak:.0f} MiB above the baseline"
+    shutil.rmtree(project.parent, ignore_errors=True)
+
+
+def _migrated(method: str):
+    def run(project: Path, good: Path, odd: Path) -> None:
+        before = odd.read_bytes()
+        report = migrate_project(project, method=method, check_model=False)
+        by_path = {r.path: r for r in report.results}
+        assert by_path[good].status == Status.FIXED, by_path[good].describe()
+        result = by_path[odd]  # named, whatever it holds
+        if result.status == Status.FAILED:
+            assert result.reason and odd.read_bytes() == before
+        elif result.status == Status.FIXED:
+            assert not any(k.startswith(("module.", "_orig_mod.")) for k in load_snapshot(odd)["model"])
+            restore_project(project)
+            assert odd.read_bytes() == before
+        else:
+            assert result.status == Status.CLEAN and odd.read_bytes() == before
+
+    return run
+
+
+def _checked(project: Path, good: Path, odd: Path) -> None:
+    before = odd.read_bytes(), good.read_bytes()
+    report = migrate_project(project, write=False, check_model=False)
+    by_path = {r.path: r for r in report.results}
+    assert by_path[good].status == Status.NEEDS_FIX
+    assert by_path[odd].status in (Status.FAILED, Status.NEEDS_FIX, Status.CLEAN)
+    assert (odd.read_bytes(), good.read_bytes()) == before
+    assert not (project / ".dlc-snapshot-fix").exists()
+
+
+def _inspected(project: Path, good: Path, odd: Path) -> None:
+    before = odd.read_bytes()
+    by_path = {d.path: d for d in diagnose(project)}
+    assert by_path[good].error is None and by_path[good].prefixes == ("module.",)
+    assert odd in by_path and odd.read_bytes() == before
+
+
+@FUZZ
+@given(mutant=MUTANTS)
+def test_rewrite_survives_any_odd_file(scratch: Path, mutant: bytes):
+    _check_run(scratch, mutant, _migrated("rewrite"))
+
+
+@FUZZ
+@given(mutant=MUTANTS)
+def test_append_survives_any_odd_file(scratch: Path, mutant: bytes):
+    _check_run(scratch, mutant, _migrated("append"))
+
+
+@FUZZ
+@given(mutant=MUTANTS)
+def test_check_survives_any_odd_file_and_writes_nothing(scratch: Path, mutant: bytes):
+    _check_run(scratch, mutant, _checked)
+
+
+@FUZZ
+@given(mutant=MUTANTS)
+def test_inspect_survives_any_odd_file(scratch: Path, mutant: bytes):
+    _check_run(scratch, mutant, _inspected)
+
+
+def test_a_dtype_state_numpy_would_crash_on_is_refused_before_numpy_sees_it(tmp_path: Path):
+    """Found by this suite: numpy's dtype.__setstate__ segfaults on a state one element short."""
+    assert b"X\x01\x00\x00\x00<q\x0cNNN" in BASE_PICKLE
+    crashing = _rezipped(BASE_PICKLE.replace(b"X\x01\x00\x00\x00<q\x0cNNN", b"X\x01\x00\x00\x00NN"))
+    project, _, odd = _case(tmp_path, crashing)
+    code = f"from dlc_snapshot_fix import migrate_project; print(migrate_project({str(project)!r}).results[1].reason)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]  # not -11 (SIGSEGV)
+    assert "numpy dtype state" in done.stdout and "numpy would crash the process reading it" in done.stdout
+    assert odd.read_bytes() == crashing
+
+
+def test_a_memo_index_that_would_take_a_gigabyte_is_refused(scratch: Path):
+    """Found by this suite: Python's unpickler sizes its memo by the largest index (LONG_BINPUT 72 million: 1 GiB)."""
+    at = BASE_PICKLE.index(b"q\x0c")  # the first BINPUT after the dtype's byte order
+    huge = _rezipped(BASE_PICKLE[:at] + b"r" + (72 << 20).to_bytes(4, "little") + BASE_PICKLE[at + 2 :])
+
+    def run(project: Path, good: Path, odd: Path) -> None:
+        result = {r.path: r for r in migrate_project(project, check_model=False).results}[odd]
+        assert result.status == Status.FAILED and "memo index" in result.reason, result.describe()
+
+    _check_run(scratch, huge, run)

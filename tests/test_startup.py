@@ -1,0 +1,34 @@
+"""What a process pays for this package before it does any work: the plugin's start-up file above all.
+
+With ``plugin enable``, every Python process of the environment runs the ``.pth`` line at
+start-up (``pip``, a Jupyter kernel, ``python -c pass``): it must not import torch, numpy
+or DeepLabCut, nor this package's heavy modules.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from dlc_snapshot_fix import autoload
+
+HEAVY = ("torch", "numpy", "deeplabcut", "yaml", "click", "dlc_snapshot_fix.reading", "dlc_snapshot_fix.plugin")
+
+
+def _modules_after(code: str) -> list[str]:
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_the_start_up_file_imports_nothing_heavy():
+    loaded = _modules_after(autoload.PTH_LINE)
+    assert "dlc_snapshot_fix.autoload" in loaded
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY]
+
+
+def test_the_package_imports_its_public_names_on_first_use():
+    loaded = _modules_after("import dlc_snapshot_fix")
+    assert "torch" not in loaded
+    loaded = _modules_after("from dlc_snapshot_fix import migrate_project")
+    assert "torch" in loaded and "dlc_snapshot_fix.migrate" in loaded

@@ -1,0 +1,143 @@
+"""What the tool says DeepLabCut does is what the real DeepLabCut does.
+
+Each statement the tool makes about DeepLabCut (loads it, refuses it, reads numpy
+metrics) is checked here against DeepLabCut's own loader and ``evaluate_network``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import deeplabcut
+import numpy as np
+import pytest
+import torch
+from conftest import TRAIN, train_dir_of
+from deeplabcut.pose_estimation_pytorch.runners.base import attempt_snapshot_load
+
+from dlc_snapshot_fix import load_snapshot
+
+pytestmark = pytest.mark.deeplabcut
+DATA = Path(__file__).parent / "data"
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dlc_snapshot_fix", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def states(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.glob("*.pt"))}
+
+
+def deeplabcut_reads(path: Path) -> bool:
+    try:
+        attempt_snapshot_load(path, "cpu")
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("method", ["rewrite", "append"])
+def test_rc5_numpy_metrics_are_a_note_and_every_run_exits_0(multi_gpu_project: Path, method: str):
+    """rc5 snapshots carried numpy float64 metrics; DeepLabCut 3.0.x reads them, so they never fail a run."""
+    project, train_dir = multi_gpu_project, train_dir_of(multi_gpu_project)
+    metrics = load_snapshot(train_dir / "snapshot-001.pt")["metadata"]["metrics"]
+    assert metrics and all(type(v) is np.float64 for v in metrics.values())  # as rc5 saved them
+
+    migrated = cli(project, "--method", method)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert f"DeepLabCut {deeplabcut.__version__} reads them" in migrated.stdout
+    deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[1])
+
+    before = states(train_dir)
+    again = cli(project, "--method", method)
+    assert again.returncode == 0 and "already clean" in again.stdout, again.stdout
+    assert states(train_dir) == before
+    assert cli(project, "--check").returncode == 0
+    inspected = cli("inspect", project)
+    assert inspected.returncode == 0, inspected.stdout
+    assert "note: 'metadata' holds" in inspected.stdout
+
+
+def test_the_verdict_is_deeplabcuts_loader_not_a_plain_strict_load(multi_gpu_project: Path):
+    """float32 metrics: a weights-only load with numpy allow-listed reads the file and the state dict loads
+    strictly, but DeepLabCut's loader refuses it, and so the tool says, as evaluate_network shows."""
+    project, train_dir = multi_gpu_project, train_dir_of(multi_gpu_project)
+    assert cli(project).returncode == 0
+    path = train_dir / "snapshot-best-001.pt"
+    snapshot = load_snapshot(path)
+    partial = path.with_name("partial")  # never truncate a file that may be memory-mapped
+    torch.save({**snapshot, "metadata": {"epoch": 1, "metrics": {"test.rmse": np.float32(2.5)}}}, partial)
+    os.replace(partial, path)
+
+    from dlc_snapshot_fix.testing import build_pose_model
+
+    plain = load_snapshot(path)  # our allow-list reads it ...
+    build_pose_model(train_dir / "pytorch_config.yaml").load_state_dict(plain["model"], strict=True)  # ... and fits
+    assert not deeplabcut_reads(path)  # ... but DeepLabCut refuses it
+
+    checked = cli(project, "--check", "--json", "-")
+    assert checked.returncode == 3
+    row = {Path(s["path"]).name: s for s in json.loads(checked.stdout)["snapshots"]}["snapshot-best-001.pt"]
+    assert row["model_check"]["model"]["status"] == "refused"
+    assert "snapshot loader refuses it" in row["model_check"]["model"]["reason"]
+    assert any("--fix-metadata" in hint for hint in row["hints"])
+    with pytest.raises(Exception, match="Weights only load failed"):
+        deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[1])
+
+    fixed = cli(project, "--fix-metadata")
+    assert fixed.returncode == 0, fixed.stdout
+    assert deeplabcut_reads(path)
+    deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[1])
+
+
+def test_what_the_tool_says_without_deeplabcut_is_what_deeplabcut_does(tmp_path: Path):
+    """The statements made when DeepLabCut is absent, each against the real one."""
+    from dlc_snapshot_fix.verify import judge_numpy_metadata
+
+    numpy_major = int(np.__version__.split(".")[0])
+    here, other = DATA / f"rc5-metrics-numpy{numpy_major}.pt", DATA / f"rc5-metrics-numpy{3 - numpy_major}.pt"
+    _, note = judge_numpy_metadata(["float64", "float64"], [], f"numpy {numpy_major}.x")
+    assert "reads numpy float64 pickled under the numpy it runs with" in note
+    assert deeplabcut_reads(here)  # float64 under the numpy that wrote it: read
+    assert not deeplabcut_reads(other)  # ... under the other numpy: refused, as the note says
+    # "a bare torch.load(weights_only=True) refuses this file": in a process that has not imported DeepLabCut
+    bare_load = f"import torch; torch.load({str(here)!r}, weights_only=True)"
+    bare = subprocess.run([sys.executable, "-c", bare_load], capture_output=True, text=True)
+    assert bare.returncode != 0 and "Weights only load failed" in bare.stderr
+
+    hint, _ = judge_numpy_metadata(["float32", "int64"], [], None)
+    assert "allow-lists numpy float64 only, so its loader refuses this file" in hint
+    odd = tmp_path / "float32.pt"
+    torch.save({"model": {}, "metadata": {"metrics": {"a": np.float32(1)}, "epoch": np.int64(1)}}, odd)
+    assert not deeplabcut_reads(odd)
+
+
+def test_what_discovery_says_of_names_is_how_deeplabcut_lists_them(project: Path):
+    """"DeepLabCut never loads it", "current DeepLabCut ignores it", "will try to load it": DeepLabCut's own listing."""
+    from deeplabcut.pose_estimation_pytorch.runners.snapshots import list_snapshots
+
+    from dlc_snapshot_fix import discover_project, names
+
+    train = project / TRAIN
+    for name in ("snapshot-001.pt", "snapshot-best-002.pt", "snapshot-best.pt", "snapshot-detector-003.pt", "model.pt"):
+        torch.save({"model": {}}, train / name)
+    (train / "snapshot-999.pt").mkdir()
+    temp = names.temp_path(train / "snapshot-001.pt", "ab12cd34")
+    temp.write_bytes(b"")
+    listed = {s.path.name for p in ("snapshot", "snapshot-detector") for s in list_snapshots(train, p)}
+
+    inventory = discover_project(project)
+    ours = {f.path.name for f in inventory.snapshots if not f.legacy_best}
+    assert ours == listed - {"snapshot-999.pt"}
+    reasons = {s.path.name: s.reason for s in inventory.skipped}
+    assert "DeepLabCut never loads it" in reasons["model.pt"] and "model.pt" not in listed
+    assert "will try to load it and fail" in reasons["snapshot-999.pt"] and "snapshot-999.pt" in listed
+    assert [f.path.name for f in inventory.snapshots if f.legacy_best] == ["snapshot-best.pt"]
+    assert "snapshot-best.pt" not in listed  # "current DeepLabCut ignores it"
+    assert temp.name not in listed  # this tool's temp files are never picked up

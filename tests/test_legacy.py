@@ -94,6 +94,7 @@ def test_rename_refuses_to_overwrite(project: Path):
     assert (legacy.read_bytes(), taken.read_bytes()) == before
 
 
+@pytest.mark.deeplabcut
 def test_deeplabcut_lists_the_renamed_best_snapshot(project: Path):
     from deeplabcut.pose_estimation_pytorch.data.snapshots import list_snapshots
 

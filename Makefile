@@ -17,6 +17,7 @@ demo: $(BIN)/.installed  ## break sample_project like a two-GPU rc5 run, show ev
 	$(BIN)/python scripts/demo.py sample_project
 
 test: $(BIN)/.installed  ## lint, then every test, including the ones that run the real DeepLabCut
+	@echo "=== main cell: $$($(BIN)/pip freeze | grep -iE '^(deeplabcut|torch|torchvision|numpy)==' | tr '\n' ' ')$$($(BIN)/python --version)"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

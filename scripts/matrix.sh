@@ -24,20 +24,26 @@ declare -A INSTALL=(
   [dlc-3.0.1]="torch==2.6.0 torchvision==0.21.0 deeplabcut==3.0.1"  # the lowest torch pyproject.toml declares
   [torch-numpy1]="torch==2.13.0 numpy==1.26.4"
   [torch-numpy2]="torch==2.13.0 numpy>=2,<3"
+  [python-3.10]="torch==2.6.0 numpy>=2,<3"
+)
+declare -A PYTHON_OF=(  # the interpreter a cell's venv is made from (default: python3, 3.11 here)
+  [python-3.10]="/root/.pyenv/versions/3.10.13/bin/python3"  # the oldest Python pyproject.toml declares
 )
 declare -A TESTS=(
   [dlc-3.0.0]="$DLC_TESTS"
   [dlc-3.0.1]="$DLC_TESTS"
   [torch-numpy1]="$TORCH_TESTS"
   [torch-numpy2]="$TORCH_TESTS"
+  [python-3.10]="$TORCH_TESTS"
 )
 CELLS=("$@")
-[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0 dlc-3.0.1 torch-numpy1 torch-numpy2)
+[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0 dlc-3.0.1 torch-numpy1 torch-numpy2 python-3.10)
 
 build() {  # one cell's venv, once per run (a stamp records what it was built from)
-  local cell=$1 venv=$ROOT/$1 wanted="${INSTALL[$1]} $TOOL_DEPS $TEST_DEPS"
+  local cell=$1 venv=$ROOT/$1 python=${PYTHON_OF[$1]:-python3}
+  local wanted="$python: ${INSTALL[$1]} $TOOL_DEPS $TEST_DEPS"
   if [ -f "$venv/.built" ] && [ "$(cat "$venv/.built")" = "$wanted" ]; then return 0; fi
-  rm -rf "$venv" && python3 -m venv "$venv" || return 1
+  rm -rf "$venv" && "$python" -m venv "$venv" || return 1
   # shellcheck disable=SC2086
   "$venv/bin/pip" install --quiet ${INSTALL[$cell]} $TOOL_DEPS $TEST_DEPS 2>&1 | grep -v "^WARNING: Location" >&2
   "$venv/bin/pip" install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location" >&2

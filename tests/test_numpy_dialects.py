@@ -55,6 +55,10 @@ def test_either_dialect_migrates_and_restores(project: Path, dialect: str, metho
     assert result.status.value == "fixed" and result.ok, result.describe()
     assert result.notes and "numpy scalar(s) (float64)" in result.notes[0]
     assert not any(k.startswith("module.") for k in load_snapshot(path)["model"])
+    import numpy as np
+
+    runtime = f"numpy {np.__version__.split('.')[0]}.x"
+    assert pickled.numpy_dialect(pickle_of(path)) == runtime  # re-pickled under the numpy that runs
     restore_project(project)
     assert path.read_bytes() == original
 

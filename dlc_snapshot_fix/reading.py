@@ -194,9 +194,9 @@ def check_within_bounds(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            _check_not_torchscript(path, [m.filename for m in members])
+            _check_layout(path, members, os.path.getsize(path))  # before anything below reads a member
             _check_members(path, [m.filename for m in members])
-            size = os.path.getsize(path)
-            _check_layout(path, members, size)
             pickle_member = next(m for m in members if m.filename.rsplit("/", 1)[-1] == "data.pkl")
             pickle_bytes = archive.read(pickle_member)
             _check_pickle_opcodes(path, pickle_bytes)
@@ -263,14 +263,17 @@ def _beyond(path: Path, what: str, risk: str = "reading it could take unbounded 
     )
 
 
-def _check_members(path: Path, members: list[str]) -> None:
-    """Refuse TorchScript archives and zips whose member names could mislead a reader."""
+def _check_not_torchscript(path: Path, members: list[str]) -> None:
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in members):
         raise SnapshotReadError(
             path,
             "a TorchScript archive (torch.jit.save), not a training snapshot",
             "DeepLabCut does not load TorchScript models as snapshots; move it out of the model folder",
         )
+
+
+def _check_members(path: Path, members: list[str]) -> None:
+    """Refuse zips whose member names could make readers disagree (``DATA.PKL``), or that hold no pickle."""
     pickles = [name for name in members if name.rsplit("/", 1)[-1].lower() == "data.pkl"]
     folded = collections.Counter(name.lower() for name in members)
     if len(pickles) > 1 or any(not name.endswith("data.pkl") for name in pickles) or len(folded) != len(members):

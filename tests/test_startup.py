@@ -32,3 +32,14 @@ def test_the_package_imports_its_public_names_on_first_use():
     assert "torch" not in loaded
     loaded = _modules_after("from dlc_snapshot_fix import migrate_project")
     assert "torch" in loaded and "dlc_snapshot_fix.migrate" in loaded
+
+
+def test_help_and_plugin_status_start_in_this_environment():
+    """The first thing a user runs, in every cell of the matrix (numpy 1 or 2, with or without DeepLabCut)."""
+    for args in (["--help"], ["plugin", "status"], ["--version"]):
+        done = subprocess.run([sys.executable, "-m", "dlc_snapshot_fix", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+    assert "dlc-snapshot-fix PROJECT is short for" in subprocess.run(
+        [sys.executable, "-m", "dlc_snapshot_fix", "--help"], capture_output=True, text=True
+    ).stdout

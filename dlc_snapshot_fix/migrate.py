@@ -479,8 +479,8 @@ def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes
             return ["the directory lists other members"]
         reread, order = pickled.loads(zipappend.read_member(path, new_layout, record))
         load_snapshot(path)  # and torch, memory-mapped, reads the new file
-    except (zipappend.NotAppendable, pickled.NotRecordable, SnapshotReadError, OSError) as error:
-        return [f"the appended file does not read back: {error}"]
+    except Exception as error:  # whatever keeps the result from being proven truncates the append away
+        return [f"the appended file does not read back: {type(error).__name__}: {error}"]
     if order != list(dict.fromkeys(r.storage.key for r in records_in(expected))):
         return ["storages are referenced in another order"]
     return [] if same_structure(expected, reread) else ["the new data.pkl does not parse to the snapshot meant"]

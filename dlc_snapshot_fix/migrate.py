@@ -19,7 +19,7 @@ import filelock
 
 from dlc_snapshot_fix import names, pickled, store, transforms, verify, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
-from dlc_snapshot_fix.reading import SnapshotReadError, check_within_bounds, is_zip_snapshot, load_snapshot
+from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
 from dlc_snapshot_fix.verify import (
     ModelChecker,
@@ -219,9 +219,10 @@ def _identity(path: Path) -> tuple[int, int, int]:
 def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
     """Read and transform (pure after the read); the fast path where asked and possible, else a full load."""
     recorded = None
-    is_zip = check_within_bounds(snapshot_file.path)  # before any reader allocates what the file declares
-    # torch itself must read the file as it is (memory-mapped: no tensor data is read): never "fix" what it cannot open
+    # bounds first, then torch itself must read the file as it is (memory-mapped: no tensor data is read),
+    # both inside load_snapshot: never "fix" what torch cannot open
     loaded = load_snapshot(snapshot_file.path, trust=options.trust)
+    is_zip = is_zip_snapshot(snapshot_file.path)
     with contextlib.suppress(zipappend.NotAppendable, pickled.NotRecordable, OSError):
         if not is_zip:
             raise zipappend.NotAppendable("torch's legacy format")

@@ -10,20 +10,21 @@ from __future__ import annotations
 import struct
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 PROTO2 = b"\x80\x02"
 
 
 def rezip(
-    source: Path,
-    target: Path,
+    source: Path | BinaryIO,
+    target: Path | BinaryIO,
     *,
     pickle: bytes | None = None,
     deflate: tuple[str, ...] = (),
     extra_members: int = 0,
 ) -> Path:
-    """``source`` (a ``torch.save`` file) written again, with its ``data.pkl`` replaced, members compressed
-    (names ending in one of ``deflate``) or ``extra_members`` tiny members added."""
+    """``source`` (a ``torch.save`` file or stream) written again, with its ``data.pkl`` replaced, members
+    compressed (names ending in one of ``deflate``) or ``extra_members`` tiny members added."""
     with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
         for info in original.infolist():
             data = original.read(info)

@@ -35,7 +35,7 @@ import torch
 from conftest import TRAIN, TinyPose, make_project, wrapped_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oddfiles import nested_lists, snapshot_pickle
+from oddfiles import nested_lists, rezip, snapshot_pickle
 
 from dlc_snapshot_fix import load_snapshot, migrate_project, restore_project
 from dlc_snapshot_fix.diagnose import diagnose
@@ -122,9 +122,7 @@ def zip_mutants(draw) -> bytes:
 def _rezipped(pickle: bytes) -> bytes:
     """The base snapshot zipped again (validly, by zipfile) around another ``data.pkl``."""
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(BASE)) as original, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as new:
-        for info in original.infolist():
-            new.writestr(info.filename, pickle if info.filename.endswith("/data.pkl") else original.read(info))
+    rezip(io.BytesIO(BASE), out, pickle=pickle)
     return out.getvalue()
 
 

@@ -6,20 +6,19 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from dlc_snapshot_fix import __version__, autoload
-from dlc_snapshot_fix.adapt import AdaptRefusedError, adapt_snapshot
-from dlc_snapshot_fix.archive import Shard, merge_reports, migrate_archive, write_rows_csv
-from dlc_snapshot_fix.diagnose import diagnose, resolve_pytorch_config
 from dlc_snapshot_fix.discover import ProjectError, discover_project
 from dlc_snapshot_fix.keys import group_by_module
-from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project, restore_project
-from dlc_snapshot_fix.reading import SnapshotReadError
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
-from dlc_snapshot_fix.store import ManifestError
+
+# Modules that import torch are imported by the commands that use them, so that
+# `--help`, `--version` and `plugin status` do not pay seconds for `import torch`.
+if TYPE_CHECKING:
+    from dlc_snapshot_fix.migrate import MigrationOptions
 
 
 class DefaultToMigrate(click.Group):
@@ -69,6 +68,9 @@ def _emit(report: ProjectReport, json_path: str | None, quiet: bool) -> None:
 
 
 def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> None:
+    from dlc_snapshot_fix.migrate import ProjectBusyError
+    from dlc_snapshot_fix.store import ManifestError
+
     try:
         report = action()
     except (ProjectError, ProjectBusyError, ManifestError) as error:
@@ -156,6 +158,8 @@ def migrate(
 
     If PROJECT is not a project, every project below it is migrated (a lab archive).
     """
+    from dlc_snapshot_fix.migrate import MigrationOptions, migrate_project
+
     write = not (check or dry_run)
     if trust:
         click.secho(
@@ -204,6 +208,8 @@ def _run_archive(
     quiet: bool,
 ) -> None:
     """Archive mode: a progress bar on a terminal, one log line per project otherwise."""
+    from dlc_snapshot_fix.archive import Shard, migrate_archive
+
     try:
         shard = Shard.parse(shard_text)
     except ValueError as error:
@@ -276,6 +282,8 @@ def _quiet_discover(project: Path) -> list:
 @click.option("--csv", "csv_path", metavar="FILE", help="Also write it as CSV.")
 def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: str | None) -> None:
     """Merge the JSON reports of several shards (--shard I/N) into one."""
+    from dlc_snapshot_fix.archive import merge_reports, write_rows_csv
+
     merged = merge_reports(reports)
     _write_json(merged, json_path)
     if csv_path:
@@ -294,6 +302,8 @@ def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: s
 @QUIET_OPTION
 def restore(project: Path, json_path: str | None, quiet: bool) -> None:
     """Put back the original bytes of every snapshot this tool rewrote in PROJECT."""
+    from dlc_snapshot_fix.migrate import restore_project
+
     _run(lambda: restore_project(project), json_path, quiet)
 
 
@@ -311,6 +321,8 @@ def inspect(path: Path, against: Path | None, shuffle: int | None, json_path: st
 
     Writes nothing. Exit 0 when every snapshot loads into its model, 3 otherwise.
     """
+    from dlc_snapshot_fix.diagnose import diagnose
+
     try:
         diagnoses = diagnose(path, against=against, shuffle=shuffle)
     except ProjectError as error:
@@ -341,6 +353,10 @@ def adapt(
 
     Use the output as train_settings.weight_init.snapshot_path or as train_network(snapshot_path=...).
     """
+    from dlc_snapshot_fix.adapt import AdaptRefusedError, adapt_snapshot
+    from dlc_snapshot_fix.diagnose import resolve_pytorch_config
+    from dlc_snapshot_fix.reading import SnapshotReadError
+
     try:
         target_config = resolve_pytorch_config(target, shuffle)
         plan = adapt_snapshot(snapshot, target_config, output, allow_non_head=allow_non_head, overwrite=overwrite)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dlc_snapshot_fix.discover import SkippedPath
-from dlc_snapshot_fix.transforms import StrippedEntry
-from dlc_snapshot_fix.verify import ModelCheck
+if TYPE_CHECKING:  # annotations only: the CLI imports this module before it knows it needs torch
+    from dlc_snapshot_fix.discover import SkippedPath
+    from dlc_snapshot_fix.transforms import StrippedEntry
+    from dlc_snapshot_fix.verify import ModelCheck
 
 
 class Status(str, enum.Enum):

@@ -43,3 +43,9 @@ def test_help_and_plugin_status_start_in_this_environment():
     assert "dlc-snapshot-fix PROJECT is short for" in subprocess.run(
         [sys.executable, "-m", "dlc_snapshot_fix", "--help"], capture_output=True, text=True
     ).stdout
+
+
+def test_the_command_line_imports_torch_only_for_work_that_needs_it():
+    """``--help``, ``--version`` and ``plugin status`` must not pay seconds for ``import torch``."""
+    loaded = _modules_after("import dlc_snapshot_fix.cli")
+    assert "torch" not in loaded and "numpy" not in loaded

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test matrix lint clean-demo
+.PHONY: demo test matrix dist-check clean-demo
 
 $(BIN)/.installed: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(BIN)/.installed  ## lint, then every test, including the ones that run t
 
 matrix:  ## the other environments the README promises, each its own venv (CI runs it after `make test`)
 	bash scripts/matrix.sh
+
+dist-check:  ## build the sdist and wheel, twine check them, install the wheel into a fresh torch-only venv, run it
+	bash scripts/check_dist.sh
 
 clean-demo:
 	rm -rf sample_project/.dlc-snapshot-fix sample_project/evaluation-results-pytorch

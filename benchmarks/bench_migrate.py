@@ -78,6 +78,17 @@ print(json.dumps({"seconds": seconds, "written": written, "peak_minus_torch": pe
 """
 
 
+def project_skeleton(project: Path) -> Path:
+    """A project's config files (no model section: nothing is built), once."""
+    import yaml
+
+    if not (project / "config.yaml").exists():
+        (project / TRAIN).mkdir(parents=True)
+        (project / "config.yaml").write_text(yaml.safe_dump({"Task": "bench"}))
+        (project / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu"}))
+    return project
+
+
 def make_template(root: Path, count: int, big_gb: float, per_project: int = 4) -> int:
     """``count`` ResNet-50 snapshots, ``per_project`` to a project (and one of ``big_gb`` GB); the snapshot size."""
     import torch
@@ -89,11 +100,7 @@ def make_template(root: Path, count: int, big_gb: float, per_project: int = 4) -
     state = torch.nn.DataParallel(build_pose_model(config)).state_dict()
     first = None
     for i in range(count):
-        project = root / f"project-{i // per_project:03d}"
-        if not (project / "config.yaml").exists():
-            (project / TRAIN).mkdir(parents=True)
-            (project / "config.yaml").write_text(yaml.safe_dump({"Task": "bench"}))
-            (project / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu"}))
+        project = project_skeleton(root / f"project-{i // per_project:03d}")
         target = project / TRAIN / f"snapshot-{10 * (i % per_project + 1):03d}.pt"
         if first is None:
             torch.save({"metadata": {"epoch": 50, "metrics": {"test.rmse": 3.2}}, "model": state}, target)

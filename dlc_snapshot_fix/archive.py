@@ -1,7 +1,7 @@
 """Lab archives: find every project below a folder, migrate them in parallel, sharded, resumable.
 
 A storage server or cluster holds hundreds of projects. This module finds them,
-picks this shard's share (``--shard I/N``, or SLURM's array variables), runs
+picks this shard's share (``--shard I/N``, or the scheduler's array variables), runs
 :func:`~dlc_snapshot_fix.migrate.migrate_project` on each in a pool of worker
 processes, and collects one row per snapshot. Resuming needs no state of its own: a
 rerun finds finished snapshots already clean and leaves them alone.
@@ -10,52 +10,22 @@ rerun finds finished snapshots already clean and leaves them alone.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
-import hashlib
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlc_snapshot_fix import names
+from dlc_snapshot_fix import names, signals, store
 from dlc_snapshot_fix.discover import PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath, model_roots
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project
 from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status
+from dlc_snapshot_fix.shards import ROW_FIELDS, Shard, merge_reports, write_rows_csv
 
-ROW_FIELDS = ("project", "path", "status", "reason", "size", "sha256_before", "sha256_after", "seconds")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` (0-based) of ``count``: a stable hash of each project's path picks its shard."""
-
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str | None, environ: dict[str, str] | None = None) -> Shard:
-        """``"I/N"`` (1-based I, as people count), else SLURM's array variables, else the whole archive."""
-        environ = dict(os.environ) if environ is None else environ
-        if text:
-            index, _, count = text.partition("/")
-            shard = cls(int(index) - 1, int(count))
-        elif "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
-            first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            shard = cls(int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"]))
-        else:
-            shard = cls()
-        if not 0 <= shard.index < shard.count:
-            raise ValueError(f"shard {shard.index + 1}/{shard.count} is out of range; use I/N with 1 <= I <= N")
-        return shard
-
-    def owns(self, relative_path: str) -> bool:
-        digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-        return int.from_bytes(digest[:8], "big") % self.count == self.index
-
-    def __str__(self) -> str:
-        return f"{self.index + 1}/{self.count}"
+__all__ = ["ROW_FIELDS", "ArchiveReport", "Shard", "find_projects", "merge_reports", "migrate_archive"]
 
 
 def find_projects(root: Path) -> tuple[list[Path], list[SkippedPath]]:
@@ -101,6 +71,12 @@ class ArchiveReport:
     skipped: list[SkippedPath] = field(default_factory=list)
     failed_projects: list[tuple[Path, str]] = field(default_factory=list)
     interrupted: bool = False
+    finished: bool = False
+    """False while the run is going on: a report saved then (and left by a killed task) says ``running``."""
+
+    @property
+    def state(self) -> str:
+        return "interrupted" if self.interrupted else "finished" if self.finished else "running"
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -125,9 +101,11 @@ class ArchiveReport:
         return rows
 
     def exit_code(self) -> ExitCode:
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
         if self.failed_projects or any(r.exit_code() == ExitCode.PROBLEMS for r in self.projects):
             return ExitCode.PROBLEMS
-        if any(s.problem for s in self.skipped) or self.interrupted:
+        if any(s.problem for s in self.skipped):
             return ExitCode.PROBLEMS
         return ExitCode.OK
 
@@ -145,42 +123,24 @@ class ArchiveReport:
         return {
             "root": str(self.root),
             "shard": self.shard,
+            "state": self.state,
             "interrupted": self.interrupted,
             "snapshots": self.rows(),
             "skipped": [{"path": str(s.path), "reason": s.reason, "problem": s.problem} for s in self.skipped],
         }
 
     def write_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Whole or not at all: a task killed while writing leaves the previous version."""
+        store.write_text_atomically(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def write_csv(self, path: Path) -> None:
         write_rows_csv(self.rows(), path)
 
 
-def write_rows_csv(rows: Iterable[dict[str, Any]], path: Path) -> None:
-    """One CSV row per snapshot, columns :data:`ROW_FIELDS`."""
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=ROW_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def merge_reports(paths: Iterable[Path]) -> dict[str, Any]:
-    """One report from per-shard JSON reports (rows of all shards, in project order)."""
-    merged: dict[str, Any] = {"root": None, "shards": [], "interrupted": False, "snapshots": [], "skipped": []}
-    for path in paths:
-        part = json.loads(Path(path).read_text(encoding="utf-8"))
-        merged["root"] = merged["root"] or part["root"]
-        merged["shards"].append(part["shard"])
-        merged["interrupted"] |= part["interrupted"]
-        merged["snapshots"] += part["snapshots"]
-        merged["skipped"] += part["skipped"]
-    merged["snapshots"].sort(key=lambda row: (row["project"], row["path"]))
-    return merged
-
-
 def _migrate_in_worker(project: Path, write: bool, options: MigrationOptions) -> ProjectReport | str:
     """Runs in a worker process; a busy or unreadable project comes back as a reason string."""
+    if signals.stopping():  # queued before this worker was told to stop
+        return "skipped: not started: the run was stopped; run again to finish"
     try:
         return migrate_project(project, write=write, options=options)
     except ProjectBusyError as error:
@@ -198,12 +158,14 @@ def migrate_archive(
     options: MigrationOptions | None = None,
     on_plan: Callable[[list[Path]], None] | None = None,
     on_project: Callable[[Path, ProjectReport | str], None] | None = None,
+    on_progress: Callable[[ArchiveReport], None] | None = None,
 ) -> ArchiveReport:
     """Migrate (or check) every project below ``root`` that this shard owns, ``jobs`` at a time.
 
-    On KeyboardInterrupt the pool is stopped: workers finish or abandon the snapshot they
-    are on (an abandoned one keeps its original; temp files are cleaned up by the next
-    run) and the report is marked interrupted.
+    ``on_progress`` gets the report after each project (to save it as far as it got). On
+    KeyboardInterrupt (Ctrl-C, or SIGTERM after :func:`~dlc_snapshot_fix.signals.stop_on_sigterm`)
+    the workers are told to stop too: each abandons the snapshot it is on, which keeps its
+    original (a temp file is cleaned up by the next run), and the report is marked interrupted.
     """
     shard = shard or Shard()
     options = options or MigrationOptions()
@@ -223,6 +185,8 @@ def migrate_archive(
             report.failed_projects.append((project, outcome.removeprefix("failed: ")))
         if on_project is not None:
             on_project(project, outcome)
+        if on_progress is not None:
+            on_progress(report)
 
     if jobs <= 1:
         try:
@@ -231,15 +195,30 @@ def migrate_archive(
         except KeyboardInterrupt:
             report.interrupted = True
     else:
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs)
-        futures = {pool.submit(_migrate_in_worker, p, write, options): p for p in mine}
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=signals.stop_once)
+        futures: dict[concurrent.futures.Future, Path] = {}
         try:
+            for project in mine:
+                futures[pool.submit(_migrate_in_worker, project, write, options)] = project
             for future in concurrent.futures.as_completed(futures):
                 record(futures[future], future.result())
         except (KeyboardInterrupt, concurrent.futures.process.BrokenProcessPool):
             report.interrupted = True
+            _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
         else:
             pool.shutdown(wait=True)
+    report.finished = not report.interrupted
     report.projects.sort(key=lambda r: r.project)
     return report
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """SIGTERM to each worker: Ctrl-C reaches them through the terminal, a ``kill`` of this process does not.
+
+    A worker stops once (its handler ignores a second signal), so one signalled already
+    (a scheduler signals every process of the job) is not disturbed in its clean-up.
+    """
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(ProcessLookupError, AttributeError, TypeError):
+            os.kill(process.pid, signal.SIGTERM)

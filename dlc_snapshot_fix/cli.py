@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -14,6 +15,10 @@ from dlc_snapshot_fix import __version__, autoload
 from dlc_snapshot_fix.discover import ProjectError, discover_project
 from dlc_snapshot_fix.keys import group_by_module
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
+from dlc_snapshot_fix.signals import stop_on_sigterm
+
+PROGRESS_SAVE_SECONDS = 5.0
+"""How often an archive run saves its JSON report while it goes on."""
 
 # Modules that import torch are imported by the commands that use them, so that
 # `--help`, `--version` and `plugin status` do not pay seconds for `import torch`.
@@ -75,6 +80,12 @@ def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> Non
         report = action()
     except (ProjectError, ProjectBusyError, ManifestError) as error:
         _fail(error, ExitCode.USAGE)
+    except KeyboardInterrupt as stop:
+        _fail(
+            f"interrupted ({stop or 'Ctrl-C'}): every snapshot holds its original or its migrated version; "
+            "run the same command again to finish",
+            ExitCode.INTERRUPTED,
+        )
     _emit(report, json_path, quiet)
     sys.exit(report.exit_code(check=check))
 
@@ -96,7 +107,7 @@ def main(debug: bool) -> None:
     \b
     Exit codes: 0 all good; 1 --check found snapshots to migrate;
     2 bad arguments or not a readable project; 3 a snapshot failed or
-    does not load into its model.
+    does not load into its model; 130 stopped by Ctrl-C or SIGTERM (run again).
     """
 
 
@@ -133,7 +144,17 @@ def main(debug: bool) -> None:
 )
 @click.option("--hash", "hash_files", is_flag=True, help="append: also report whole-file sha256 (reads every byte).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Archive: projects migrated at once.")
-@click.option("--shard", metavar="I/N", help="Archive: take only shard I of N (default: SLURM array variables).")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    help="Archive: take only shard I of N (default: the array index of SLURM, SGE, PBS or LSF, if set).",
+)
+@click.option(
+    "--shard-count",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Archive: the number of shards, where the scheduler gives only the index (PBS, LSF).",
+)
 @click.option("--csv", "csv_path", metavar="FILE", help="Archive: also write one CSV row per snapshot to FILE.")
 @JSON_OPTION
 @QUIET_OPTION
@@ -150,6 +171,7 @@ def migrate(
     hash_files: bool,
     jobs: int,
     shard: str | None,
+    shard_count: int | None,
     csv_path: str | None,
     json_path: str | None,
     quiet: bool,
@@ -158,6 +180,7 @@ def migrate(
 
     If PROJECT is not a project, every project below it is migrated (a lab archive).
     """
+    stop_on_sigterm()  # first: a scheduler may stop the job while torch is still being imported
     from dlc_snapshot_fix.migrate import MigrationOptions, migrate_project
 
     write = not (check or dry_run)
@@ -188,7 +211,7 @@ def migrate(
         backup_dir=backup_dir,
     )
     if archive:
-        _run_archive(project, jobs, shard, write, options, json_path, csv_path, quiet)
+        _run_archive(project, jobs, (shard, shard_count), write, options, json_path, csv_path, quiet)
     _run(
         lambda: migrate_project(project, write=write, options=options),
         json_path,
@@ -200,26 +223,48 @@ def migrate(
 def _run_archive(
     root: Path,
     jobs: int,
-    shard_text: str | None,
+    shard_given: tuple[str | None, int | None],
     write: bool,
     options: MigrationOptions,
     json_path: str | None,
     csv_path: str | None,
     quiet: bool,
 ) -> None:
-    """Archive mode: a progress bar on a terminal, one log line per project otherwise."""
-    from dlc_snapshot_fix.archive import Shard, migrate_archive
+    """Archive mode: a progress bar on a terminal, one log line per project otherwise.
+
+    With ``--json`` the report is also saved while the run goes on (at most every few
+    seconds), so a task killed outright still leaves what it did, marked ``running``.
+    """
+    from dlc_snapshot_fix.archive import ArchiveReport, Shard, migrate_archive
 
     try:
-        shard = Shard.parse(shard_text)
+        shard = Shard.parse(shard_given[0], count=shard_given[1])
     except ValueError as error:
         _fail(error, ExitCode.USAGE)
     progress = _ArchiveProgress(enabled=sys.stderr.isatty() and not quiet, quiet=quiet)
-    report = migrate_archive(
-        root, jobs=jobs, shard=shard, write=write, options=options, on_plan=progress.start, on_project=progress.done
-    )
+    last_saved = [time.monotonic()]
+
+    def save_so_far(report: ArchiveReport) -> None:
+        if json_path and time.monotonic() - last_saved[0] >= PROGRESS_SAVE_SECONDS:
+            report.write_json(Path(json_path))
+            last_saved[0] = time.monotonic()
+
+    try:
+        report = migrate_archive(
+            root,
+            jobs=jobs,
+            shard=shard,
+            write=write,
+            options=options,
+            on_plan=progress.start,
+            on_project=progress.done,
+            on_progress=save_so_far,
+        )
+    except KeyboardInterrupt:  # while looking for projects, before any was started
+        progress.close()
+        _fail(f"interrupted before any project was started: nothing changed under {root}", ExitCode.INTERRUPTED)
     progress.close()
-    if not report.projects and not report.failed_projects and not report.skipped:
+    if not report.interrupted and not report.projects and not report.failed_projects and not report.skipped:
         _fail(
             f"no DeepLabCut project (a config.yaml beside dlc-models-pytorch) found in or below {root}", ExitCode.USAGE
         )
@@ -276,24 +321,117 @@ def _quiet_discover(project: Path) -> list:
         return []
 
 
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tasks", type=click.IntRange(min=1), required=True, help="Array tasks: shards of the archive.")
+@click.option("--partition", help="sbatch --partition for the tasks and the merge job.")
+@click.option("--time", "time_limit", metavar="TIME", help="sbatch --time per task (e.g. 02:00:00).")
+@click.option("--mem", help="sbatch --mem per task (e.g. 4G).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=2, show_default=True, help="Also --jobs per task.")
+@click.option("--account", help="sbatch --account.")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG", help="Passed to sbatch as is (repeatable).")
+@click.option("--method", type=click.Choice(["rewrite", "append"]), default="append", show_default=True)
+@click.option("--no-model-check", is_flag=True, help="Tasks skip the model check (no DeepLabCut needed on the nodes).")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Scripts, logs and reports go here (default: ./dlc-snapshot-fix-run-<time>). Reuse it to resubmit.",
+)
+@click.option("--dry-run", is_flag=True, help="Write and print the scripts; submit nothing.")
+def submit(
+    archive: Path,
+    tasks: int,
+    partition: str | None,
+    time_limit: str | None,
+    mem: str | None,
+    cpus_per_task: int,
+    account: str | None,
+    sbatch_args: tuple[str, ...],
+    method: str,
+    no_model_check: bool,
+    run_dir: Path | None,
+    dry_run: bool,
+) -> None:
+    """Migrate ARCHIVE as a SLURM job array of --tasks shards, then merge their reports in a job of its own.
+
+    The merge job runs after every task has ended (afterany) and exits 0 only when every
+    shard reported and every snapshot is migrated. Submit again with the same --run-dir
+    to resume after a cancel, a time limit or preemption.
+    """
+    from dlc_snapshot_fix.slurm import SubmitError, SubmitPlan, default_run_dir, write_scripts
+    from dlc_snapshot_fix.slurm import submit as submit_plan
+
+    plan = SubmitPlan(
+        archive=archive.absolute(),
+        tasks=tasks,
+        run_dir=(run_dir or default_run_dir()).absolute(),
+        method=method,
+        model_check=not no_model_check,
+        partition=partition,
+        time=time_limit,
+        mem=mem,
+        cpus_per_task=cpus_per_task,
+        account=account,
+        sbatch_args=sbatch_args,
+    )
+    if dry_run:
+        written = write_scripts(plan)
+        for script in (written.array_script, written.merge_script):
+            click.echo(f"# {script}\n{script.read_text(encoding='utf-8')}")
+        click.echo(
+            f"not submitted (--dry-run). To submit:\n  sbatch --parsable {written.array_script}\n"
+            f"  sbatch --dependency=afterany:<array job id> {written.merge_script}"
+        )
+        return
+    try:
+        submitted = submit_plan(plan)
+    except (SubmitError, OSError) as error:
+        _fail(error, ExitCode.USAGE)
+    click.echo(f"array job {submitted.array_job}: {tasks} tasks over {plan.archive} ({submitted.array_script})")
+    click.echo(f"merge job {submitted.merge_job}: runs after every task has ended ({submitted.merge_script})")
+    click.echo(f"logs: {plan.run_dir / 'logs'}")
+    click.echo(f"merged report: {plan.merged_json} and {plan.merged_csv}")
+
+
 @main.command("merge-reports")
-@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "json_path", metavar="FILE", required=True, help="Write the merged report to FILE.")
 @click.option("--csv", "csv_path", metavar="FILE", help="Also write it as CSV.")
-def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: str | None) -> None:
-    """Merge the JSON reports of several shards (--shard I/N) into one."""
-    from dlc_snapshot_fix.archive import merge_reports, write_rows_csv
+@click.option(
+    "--expect",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="The array had N shards: name those that never reported.",
+)
+def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: str | None, expect: int | None) -> None:
+    """Merge the JSON reports of the shards of an array job (files, or folders of them) into one.
 
-    merged = merge_reports(reports)
-    _write_json(merged, json_path)
+    Exit 0 only when every shard reported, finished, and no snapshot failed; 3 otherwise.
+    """
+    from dlc_snapshot_fix.shards import merge_reports, write_rows_csv
+    from dlc_snapshot_fix.store import write_text_atomically
+
+    merged = merge_reports(reports, expected=expect)
+    write_text_atomically(Path(json_path), json.dumps(merged, indent=2) + "\n")
     if csv_path:
         write_rows_csv(merged["snapshots"], Path(csv_path))
+    for shard in merged["shards"]:
+        if shard["state"] != "finished" or shard["failed"]:
+            what = "killed before it finished" if shard["state"] == "running" else shard["state"]
+            if shard["state"] == "finished":
+                what = f"{shard['failed']} snapshot(s) failed"
+            click.secho(f"shard {shard['shard']}: {what} ({shard['file']})", fg="red")
+    for missing in merged["missing_shards"]:
+        click.secho(f"shard {missing}: never reported (no report file)", fg="red")
+    for ignored in merged["ignored_reports"]:
+        click.secho(f"ignored {ignored['file']}: {ignored['reason']}", fg="red")
     failed = sum(row["status"] == "failed" for row in merged["snapshots"])
+    shards = ", ".join(shard["shard"] for shard in merged["shards"]) or "none"
     click.echo(
-        f"merged {len(reports)} reports (shards {', '.join(merged['shards'])}): "
-        f"{len(merged['snapshots'])} snapshots, {failed} failed"
+        f"merged {len(merged['shards'])} reports (shards {shards}): {len(merged['snapshots'])} snapshots, "
+        f"{failed} failed" + ("" if merged["complete"] else " — NOT COMPLETE, see above; run the missing shards again")
     )
-    sys.exit(ExitCode.PROBLEMS if failed or merged["interrupted"] else ExitCode.OK)
+    sys.exit(ExitCode.OK if merged["complete"] else ExitCode.PROBLEMS)
 
 
 @main.command()

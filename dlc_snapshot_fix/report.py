@@ -38,6 +38,8 @@ class ExitCode(enum.IntEnum):
     """Bad arguments, or the path is not a readable DeepLabCut project."""
     PROBLEMS = 3
     """At least one snapshot failed, or does not load into its model."""
+    INTERRUPTED = 130
+    """Stopped by Ctrl-C or SIGTERM (a scheduler's cancel, time limit or preemption); run again to finish."""
 
 
 @dataclass

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dlc_snapshot_fix import __version__, names
 
 CHUNK = 1 << 20
@@ -157,6 +155,8 @@ def write_temp(
     of ``target``) is checked first. On any error the temp file is removed and the error
     raised; ``target`` is never touched.
     """
+    import torch  # here, not at the top: reports and manifests are written without torch
+
     ensure_space(target.parent, target.stat().st_size if expected_size is None else expected_size)
     temp = names.temp_path(target, secrets.token_hex(4))
     try:
@@ -198,6 +198,22 @@ class _HashingWriter(io.RawIOBase):
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """A small file (manifest, report) written to a temp file, fsynced, swapped in: whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = names.temp_path(path, secrets.token_hex(4))
+    try:
+        with open(temp, "x", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def commit_temp(temp: Path, target: Path) -> None:
@@ -324,12 +340,5 @@ class Manifest:
         return entry
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = names.temp_path(self.path, secrets.token_hex(4))
         payload = {"format": 1, "entries": [asdict(entry) for entry in self.entries]}
-        with open(temp, "x", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, self.path)
-        fsync_dir(self.path.parent)
+        write_text_atomically(self.path, json.dumps(payload, indent=2))

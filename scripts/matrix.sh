@@ -17,7 +17,7 @@ DLC_TESTS="tests/test_verdicts.py tests/test_plugin.py tests/test_numpy_dialects
   tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it
   tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module
   tests/test_migrate.py tests/test_reading.py tests/test_keys.py tests/test_append.py tests/test_startup.py"
-TORCH_TESTS="-m not\ deeplabcut"
+TORCH_TESTS="-m not\ deeplabcut\ and\ not\ slurm"  # SLURM runs in the main cell
 
 declare -A INSTALL=(
   [dlc-3.0.0]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,9 +122,63 @@ def test_shard_from_slurm_array_variables():
     assert Shard.parse(
         None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_MIN": "1"}
     ) == Shard(4, 5)
+    stepped = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2"}  # 0-6:2
+    assert [Shard.parse(None, {**stepped, "SLURM_ARRAY_TASK_ID": str(i)}) for i in (0, 2, 4, 6)] == [
+        Shard(i, 4) for i in range(4)
+    ]
     assert Shard.parse("2/4", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "9"}) == Shard(1, 4)
     with pytest.raises(ValueError, match="out of range"):
         Shard.parse("5/4", {})
+    with pytest.raises(ValueError, match="not on the array's grid"):
+        Shard.parse(None, {**stepped, "SLURM_ARRAY_TASK_ID": "3"})
+
+
+def test_shard_from_sge_pbs_and_lsf_array_variables():
+    sge = {"SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "10", "SGE_TASK_STEPSIZE": "1"}
+    assert [Shard.parse(None, {**sge, "SGE_TASK_ID": str(i)}) for i in range(1, 11)] == [
+        Shard(i, 10) for i in range(10)
+    ]
+    assert Shard.parse(None, {"SGE_TASK_ID": "undefined", "SGE_TASK_FIRST": "undefined"}) == Shard()  # not an array
+    # PBS Pro, Torque and LSF give only the index: the count comes from --shard-count; 0-based or 1-based
+    for variable in ("PBS_ARRAY_INDEX", "PBS_ARRAYID", "LSB_JOBINDEX"):
+        with pytest.raises(ValueError, match="--shard-count"):
+            Shard.parse(None, {variable: "3"})
+        for first in (0, 1) if variable != "LSB_JOBINDEX" else (1,):  # LSF counts from 1
+            shards = {Shard.parse(None, {variable: str(first + i)}, count=4) for i in range(4)}
+            assert shards == {Shard(i, 4) for i in range(4)}, (variable, first)
+    assert Shard.parse(None, {"LSB_JOBINDEX": "0"}) == Shard()  # LSF outside an array job
+    with pytest.raises(ValueError, match="no array index"):
+        Shard.parse(None, {}, count=4)
+    with pytest.raises(ValueError, match="not one of 3 shards"):
+        Shard.parse(None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}, count=3)
+
+
+def test_merge_names_shards_that_were_killed_stopped_or_never_reported(tmp_path: Path):
+    root = tmp_path / "archive"
+    for i in range(6):
+        prefixed_snapshots(make_project(root / f"p{i}"), count=1)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    for index in (1, 2):
+        result = CliRunner().invoke(
+            main, [str(root), "--shard", f"{index}/4", "--json", str(reports / f"{index}.json")]
+        )
+        assert result.exit_code == 0, result.output
+    killed = json.loads((reports / "2.json").read_text()) | {"state": "running"}  # saved mid-run, then SIGKILL
+    (reports / "2.json").write_text(json.dumps(killed))
+    (reports / "3.json").write_text('{"root": "/x", "shard": "3/4", "snap')  # cut short
+    (reports / "other.json").write_text(json.dumps({"shard": "1/2", "snapshots": []}))  # another array's
+    merged = CliRunner().invoke(
+        main, ["merge-reports", str(reports), "--expect", "4", "--json", str(tmp_path / "m.json")]
+    )
+    assert merged.exit_code == 3, merged.output
+    assert "shard 2/4: killed before it finished" in merged.output
+    assert "shard 3/4: never reported" in merged.output and "shard 4/4: never reported" in merged.output
+    assert "NOT COMPLETE" in merged.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["missing_shards"] == ["3/4", "4/4"] and report["complete"] is False
+    assert sorted(Path(r["file"]).name for r in report["ignored_reports"]) == ["3.json", "other.json"]
+    assert [(s["shard"], s["state"]) for s in report["shards"]] == [("1/4", "finished"), ("2/4", "running")]
 
 
 def test_a_project_another_run_holds_is_skipped_with_a_message(archive: Path):
@@ -157,25 +212,37 @@ def states(paths: list[Path]) -> dict[Path, tuple[str, int]]:
     return result
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path, how: str):
     root = tmp_path / "archive"
     snapshots = big_archive(root)
     command = [sys.executable, "-m", "dlc_snapshot_fix", str(root), "--jobs", "2", "--no-model-check"]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    first_report = tmp_path / "first.json"
+    run = subprocess.Popen(
+        [*command, "--json", str(first_report)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     done = 0
     while done < 3:  # let a few projects finish, then interrupt
         line = run.stderr.readline()
         assert line, "the run ended before it could be interrupted"
         done += line.startswith("[")
-    if how == "SIGINT":
-        os.kill(run.pid, signal.SIGINT)  # Ctrl-C on the main process
-    else:
+    if how == "SIGKILL":
         os.killpg(run.pid, signal.SIGKILL)  # the whole run, workers included
-    out, _ = run.communicate(timeout=120)
-    assert run.returncode != 0
-    if how == "SIGINT":
+    else:  # Ctrl-C, or a scheduler's SIGTERM, to the main process only: it stops its workers
+        os.kill(run.pid, getattr(signal, how))
+    out, err = run.communicate(timeout=120)
+    if how == "SIGKILL":
+        assert run.returncode == -signal.SIGKILL
+    else:
+        assert run.returncode == 130, out + err
         assert "INTERRUPTED, run again to finish" in out
+        assert "Traceback" not in err
+        saved = json.loads(first_report.read_text())
+        assert saved["state"] == "interrupted" and saved["interrupted"] is True
 
     first = states(snapshots)  # every snapshot loads: original or migrated
     finished = {p for p, (state, _) in first.items() if state == "migrated"}
@@ -190,3 +257,25 @@ def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path
     assert {p for p, status in rows.items() if status == "already clean"} == finished
     leftovers = [p for p in root.rglob(".*.tmp")]
     assert leftovers == []
+
+
+def test_submit_dry_run_writes_both_scripts_and_submits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bash = shutil.which("bash")
+    monkeypatch.setenv("PATH", str(tmp_path / "no sbatch here"))
+    run = tmp_path / "run dir"
+    options = ["--tasks", "4", "--time", "01:00:00", "--sbatch-arg=--qos=low", "--method", "rewrite"]
+    result = CliRunner().invoke(main, ["submit", str(tmp_path), "--run-dir", str(run), *options, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "not submitted (--dry-run)" in result.output
+    array, merge = (run / "array.sbatch").read_text(), (run / "merge.sbatch").read_text()
+    assert "#SBATCH --array=1-4" in array and "#SBATCH --time=01:00:00" in array and "#SBATCH --qos=low" in array
+    assert '--shard "$SLURM_ARRAY_TASK_ID/4"' in array and "--method rewrite" in array
+    assert f"--json '{run}/reports'/shard-\"$SLURM_ARRAY_TASK_ID\".json" in array  # quoted: the path has a space
+    assert f"merge-reports '{run}/reports' --expect 4" in merge
+    assert (run / "logs").is_dir() and (run / "reports").is_dir()
+    for script in (run / "array.sbatch", run / "merge.sbatch"):
+        assert subprocess.run([bash, "-n", str(script)]).returncode == 0  # valid bash
+
+    submitted = CliRunner().invoke(main, ["submit", str(tmp_path), "--run-dir", str(run), "--tasks", "2"])
+    assert submitted.exit_code == 2
+    assert "sbatch not found" in submitted.output

@@ -49,3 +49,20 @@ def test_the_command_line_imports_torch_only_for_work_that_needs_it():
     """``--help``, ``--version`` and ``plugin status`` must not pay seconds for ``import torch``."""
     loaded = _modules_after("import dlc_snapshot_fix.cli")
     assert "torch" not in loaded and "numpy" not in loaded
+
+
+def test_submit_and_merge_reports_run_without_torch(tmp_path):
+    """The merge job and ``submit`` on a login node: no torch, no numpy (seconds and 650 MB each)."""
+    report = tmp_path / "shard-1.json"
+    report.write_text('{"root": "/a", "shard": "1/1", "state": "finished", "interrupted": false, "snapshots": []}')
+    calls = [
+        ["merge-reports", str(tmp_path), "--expect", "1", "--json", str(tmp_path / "m.json")],
+        ["submit", str(tmp_path), "--tasks", "2", "--run-dir", str(tmp_path / "run"), "--dry-run"],
+    ]
+    for args in calls:
+        loaded = _modules_after(
+            f"from dlc_snapshot_fix.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as done:\n"
+            "    assert not done.code, done.code"
+        )
+        assert "torch" not in loaded and "numpy" not in loaded, args
+    assert (tmp_path / "m.json").is_file() and (tmp_path / "run" / "array.sbatch").is_file()

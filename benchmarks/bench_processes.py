@@ -1,0 +1,194 @@
+"""Benchmark what a user pays: whole processes, page cache dropped, timed to durable completion.
+
+Each command runs as its own process, start-up and imports included, as a user would run
+it; the page cache is dropped before each (where the machine allows it; the output says
+which), and the clock stops after the process has exited and ``sync`` has returned. Peak
+RSS is the process's own (``wait4``'s ``ru_maxrss``). Each figure is the median of
+``--repeat`` runs, each migration on a fresh copy of the same archive. Baselines measured
+in the same run: ``cp -a`` of the archive, the common script (copy backup, ``torch.load``,
+``k.replace``, ``torch.save``), and a full ``torch.load`` of every snapshot.
+
+    python benchmarks/bench_processes.py [--count 16] [--repeat 3] [--scale 16,64,256] [--out DIR]
+
+The archive: ``--count`` snapshots with the ResNet-50 pose model's key set and shapes from
+``sample_project`` (~95 MB each, saved as a two-GPU DeepLabCut 3.0.0rc5 run saved them), 4 per
+project. The scale runs use small snapshots (one conv layer, ~40 KB) to reach 256 cheaply.
+Writes ``results.json`` and ``scale.png`` to ``--out`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_migrate import TRAIN, make_template, project_skeleton, settle_cache
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TOOL = [PYTHON, "-m", "dlc_snapshot_fix"]
+
+SEED_SCRIPT = r"""
+import shutil, sys, torch
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).rglob("snapshot-*.pt")):
+    shutil.copy(path, str(path) + ".bak")
+    snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    snapshot["model"] = {k.replace("module.", ""): v for k, v in snapshot["model"].items()}
+    torch.save(snapshot, path)
+"""
+LOAD_SCRIPT = r"""
+import sys, torch
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).rglob("snapshot-*.pt")):
+    torch.load(path, map_location="cpu", weights_only=True)
+"""
+
+
+def run_process(command: list[str], cache: bool = True) -> tuple[float, int, int]:
+    """One whole process: (seconds to durable completion, peak RSS in bytes, exit code)."""
+    if cache:
+        settle_cache()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    os.sync()
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode not in (0, 1):
+        raise RuntimeError(f"{command} exited {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024, process.returncode
+
+
+def measure(name: str, command: list[str], template: Path | None, work: Path, repeat: int) -> dict:
+    """Median time and peak RSS of ``command`` over ``repeat`` runs (on a fresh copy of ``template``)."""
+    times, peaks = [], []
+    for _ in range(repeat):
+        if template is not None:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(template, work, symlinks=True)
+        seconds, peak, _ = run_process(command)
+        times.append(seconds)
+        peaks.append(peak)
+    print(f"  {name}: {statistics.median(times):.3f} s, {statistics.median(peaks) / 2**20:.0f} MiB", flush=True)
+    return {"name": name, "seconds": statistics.median(times), "peak_rss": statistics.median(peaks), "runs": times}
+
+
+def small_archive(root: Path, count: int, per_project: int = 4) -> None:
+    """``count`` small DataParallel snapshots (a conv layer and a BatchNorm), ``per_project`` to a project."""
+    import torch
+
+    model = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7), torch.nn.BatchNorm2d(64)))
+    for i in range(count):
+        project = project_skeleton(root / f"project-{i // per_project:03d}")
+        torch.save({"metadata": {"epoch": 1}, "model": model.state_dict()}, project / TRAIN / f"snapshot-{i:03d}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scale", default="16,64,256")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = settle_cache()
+    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks", prefix=".bench-") as scratch:
+        scratch = Path(scratch)
+        template, work = scratch / "template", scratch / "archive"
+        size = make_template(template, args.count, 0)
+        total = sum(p.stat().st_size for p in template.rglob("*.pt"))
+        print(f"{args.count} snapshots of {size / 1e6:.1f} MB ({total / 1e9:.2f} GB), page cache {cache}", flush=True)
+        rows = [
+            measure("cp -a of the archive", ["cp", "-a", str(template), str(work)], None, work, args.repeat),
+            measure("seed script", [PYTHON, "-c", SEED_SCRIPT, str(work)], template, work, args.repeat),
+            measure("append", [*TOOL, str(work), "--no-model-check", "-q"], template, work, args.repeat),
+            measure(
+                "rewrite", [*TOOL, str(work), "--no-model-check", "-q", "--method", "rewrite"], template, work, 3
+            ),
+            measure("torch.load of every snapshot", [PYTHON, "-c", LOAD_SCRIPT, str(template)], None, work, 3),
+            measure("--check", [*TOOL, str(template), "--check", "--no-model-check", "-q"], None, work, 3),
+            measure("--help", [*TOOL, "--help"], None, work, args.repeat),
+            measure("plugin status", [*TOOL, "plugin", "status"], None, work, args.repeat),
+            measure("python -c pass", [PYTHON, "-c", "pass"], None, work, args.repeat),
+            measure(
+                "python + the plugin's start-up line",
+                [PYTHON, "-c", "from dlc_snapshot_fix import autoload; exec(autoload.PTH_LINE)"],
+                None,
+                work,
+                args.repeat,
+            ),
+        ]
+        shutil.rmtree(work, ignore_errors=True)
+        by = {row["name"]: row for row in rows}
+        ratios = {
+            "seed/append": by["seed script"]["seconds"] / by["append"]["seconds"],
+            "cp/append": by["cp -a of the archive"]["seconds"] / by["append"]["seconds"],
+            "load/check": by["torch.load of every snapshot"]["seconds"] / by["--check"]["seconds"],
+            "seed/rewrite": by["seed script"]["seconds"] / by["rewrite"]["seconds"],
+        }
+        scale = []
+        for count in [int(n) for n in args.scale.split(",") if n]:
+            shutil.rmtree(template)
+            small_archive(template, count)
+            print(f"scale: {count} small snapshots", flush=True)
+            for name, command, source in (
+                ("append", [*TOOL, str(work), "--no-model-check", "-q"], template),
+                ("--check", [*TOOL, str(template), "--check", "--no-model-check", "-q"], None),
+            ):
+                row = measure(f"{name} x{count}", command, source, work, args.repeat)
+                scale.append({"method": name, "count": count, **row})
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "page_cache": cache,
+        "snapshots": args.count,
+        "snapshot_bytes": size,
+        "rows": rows,
+        "ratios": ratios,
+        "scale": scale,
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(scale, args.out / "scale.png")
+    print("\n| command | time (s) | peak RSS (MiB) |\n| --- | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['name']} | {row['seconds']:.3f} | {row['peak_rss'] / 2**20:.0f} |")
+    print("\n" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print("\n| method | snapshots | time per snapshot (ms) | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |")
+    for row in scale:
+        per = 1000 * row["seconds"] / row["count"]
+        print(f"| {row['method']} | {row['count']} | {per:.1f} | {row['peak_rss'] / 2**20:.0f} |")
+
+
+def plot(scale: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in sorted({row["method"] for row in scale}):
+        rows = [row for row in scale if row["method"] == method]
+        counts = [row["count"] for row in rows]
+        left.plot(counts, [1000 * row["seconds"] / row["count"] for row in rows], marker="o", label=method)
+        right.plot(counts, [row["peak_rss"] / 2**20 for row in rows], marker="o", label=method)
+    left.set(xscale="log", xlabel="snapshots in the archive", ylabel="whole-process time per snapshot (ms)")
+    right.set(xscale="log", xlabel="snapshots in the archive", ylabel="peak RSS (MiB)")
+    for axis in (left, right):
+        axis.set_xticks([row["count"] for row in scale], labels=[str(row["count"]) for row in scale])
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -93,19 +93,35 @@ def small_archive(root: Path, count: int, per_project: int = 4) -> None:
         torch.save({"metadata": {"epoch": 1}, "model": model.state_dict()}, project / TRAIN / f"snapshot-{i:03d}.pt")
 
 
+def build(kind: str, folder: Path, count: int) -> None:
+    """Make an archive in a child process, so that this one never imports torch.
+
+    A child's peak RSS (``ru_maxrss``) starts from its parent's at ``fork`` and survives
+    ``exec``: measured from a parent that had imported torch, even ``python -c pass``
+    would report a gigabyte.
+    """
+    subprocess.run([PYTHON, __file__, "--make", kind, str(folder), str(count)], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scale", default="16,64,256")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--make", nargs=3, metavar=("KIND", "DIR", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:  # in a child process: this one must stay small (see build)
+        kind, folder, count = args.make
+        make_template(Path(folder), int(count), 0) if kind == "resnet" else small_archive(Path(folder), int(count))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     cache = settle_cache()
     with tempfile.TemporaryDirectory(dir=REPO / "benchmarks", prefix=".bench-") as scratch:
         scratch = Path(scratch)
         template, work = scratch / "template", scratch / "archive"
-        size = make_template(template, args.count, 0)
+        build("resnet", template, args.count)
+        size = max(p.stat().st_size for p in template.rglob("*.pt"))
         total = sum(p.stat().st_size for p in template.rglob("*.pt"))
         print(f"{args.count} snapshots of {size / 1e6:.1f} MB ({total / 1e9:.2f} GB), page cache {cache}", flush=True)
         rows = [
@@ -139,7 +155,7 @@ def main() -> None:
         scale = []
         for count in [int(n) for n in args.scale.split(",") if n]:
             shutil.rmtree(template)
-            small_archive(template, count)
+            build("small", template, count)
             print(f"scale: {count} small snapshots", flush=True)
             for name, command, source in (
                 ("append", [*TOOL, str(work), "--no-model-check", "-q"], template),

@@ -198,8 +198,11 @@ def plot(scale: list[dict], path: Path) -> None:
         right.plot(counts, [row["peak_rss"] / 2**20 for row in rows], marker="o", label=method)
     left.set(xscale="log", xlabel="snapshots in the archive", ylabel="whole-process time per snapshot (ms)")
     right.set(xscale="log", xlabel="snapshots in the archive", ylabel="peak RSS (MiB)")
+    counts = sorted({row["count"] for row in scale})
     for axis in (left, right):
-        axis.set_xticks([row["count"] for row in scale], labels=[str(row["count"]) for row in scale])
+        axis.minorticks_off()
+        axis.set_xticks(counts, labels=[str(count) for count in counts])
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.15)  # from 0: flat is flat, not a zoomed-in slope
         axis.legend()
         axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -163,7 +163,7 @@ def migrate_archive(
     """Migrate (or check) every project below ``root`` that this shard owns, ``jobs`` at a time.
 
     ``on_progress`` gets the report after each project (to save it as far as it got). On
-    KeyboardInterrupt (Ctrl-C, or SIGTERM after :func:`~dlc_snapshot_fix.signals.stop_on_sigterm`)
+    KeyboardInterrupt (Ctrl-C, or SIGTERM after :func:`~dlc_snapshot_fix.signals.stop_on_signals`)
     the workers are told to stop too: each abandons the snapshot it is on, which keeps its
     original (a temp file is cleaned up by the next run), and the report is marked interrupted.
     """

@@ -15,7 +15,7 @@ from dlc_snapshot_fix import __version__, autoload
 from dlc_snapshot_fix.discover import ProjectError, discover_project
 from dlc_snapshot_fix.keys import group_by_module
 from dlc_snapshot_fix.report import ExitCode, ProjectReport
-from dlc_snapshot_fix.signals import stop_on_sigterm
+from dlc_snapshot_fix.signals import stop_on_signals
 
 PROGRESS_SAVE_SECONDS = 5.0
 """How often an archive run saves its JSON report while it goes on."""
@@ -180,7 +180,7 @@ def migrate(
 
     If PROJECT is not a project, every project below it is migrated (a lab archive).
     """
-    stop_on_sigterm()  # first: a scheduler may stop the job while torch is still being imported
+    stop_on_signals()  # first: a scheduler may stop the job while torch is still being imported
     from dlc_snapshot_fix.migrate import MigrationOptions, migrate_project
 
     write = not (check or dry_run)

@@ -17,7 +17,7 @@ from typing import Any
 
 import filelock
 
-from dlc_snapshot_fix import names, pickled, store, transforms, verify, zipappend
+from dlc_snapshot_fix import names, pickled, signals, store, transforms, verify, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
 from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
@@ -291,6 +291,8 @@ def _migrate_one(
         changed = _identity_or_none(snapshot_file.path) != before
         result.reason = _unexpected_reason(error, changed)
         result.status = Status.FAILED
+    if signals.stopping():  # the file is settled (original, or new and verified); torch may have eaten the interrupt
+        raise signals.interrupted()
     result.seconds = time.perf_counter() - started
     return result
 

@@ -12,17 +12,29 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-_stopping = False
+_stopped_by = ""
+"""The name of the signal that told this process to stop ("" until one did)."""
 
 
 def stopping() -> bool:
-    """Whether this process was told to stop (work queued before the signal should not start)."""
-    return _stopping
+    """Whether this process was told to stop.
+
+    Work queued before the signal should not start, and an error raised while the signal was
+    handled is the stop, not a failure of the file: torch turns an interrupt raised inside its
+    C++ writer into ``RuntimeError: unexpected pos``, which a fence would otherwise report as
+    that snapshot's failure and go on to the next.
+    """
+    return bool(_stopped_by)
+
+
+def interrupted() -> KeyboardInterrupt:
+    """The interrupt to raise where a signal's own was lost (see :func:`stopping`)."""
+    return KeyboardInterrupt(f"stopped by signal {_stopped_by}")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    global _stopping
-    _stopping = True
+    global _stopped_by
+    _stopped_by = signal.Signals(signum).name
     # once: a second signal (a scheduler signals every process of the job, Ctrl-C reaches the
     # workers through the terminal, and the main process forwards a stop to its workers) must
     # not interrupt the clean-up of the first
@@ -32,10 +44,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM raise KeyboardInterrupt in this process, unless someone else handles it already."""
+def _interrupt_each_time(signum: int, frame: FrameType | None) -> None:
+    global _stopped_by
+    _stopped_by = signal.Signals(signum).name
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def stop_on_signals() -> None:
+    """In the main process: SIGTERM stops the run once, as Ctrl-C does; both are remembered (:func:`stopping`).
+
+    Handlers someone else installed are left alone. Ctrl-C still interrupts each time it is
+    pressed (a second press cuts a slow clean-up short, as a user expects).
+    """
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt_each_time)
 
 
 def stop_once() -> None:

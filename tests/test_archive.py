@@ -279,3 +279,25 @@ def test_submit_dry_run_writes_both_scripts_and_submits_nothing(tmp_path: Path, 
     submitted = CliRunner().invoke(main, ["submit", str(tmp_path), "--run-dir", str(run), "--tasks", "2"])
     assert submitted.exit_code == 2
     assert "sbatch not found" in submitted.output
+
+
+def test_sigterm_stops_a_single_project_run_cleanly_and_a_rerun_finishes(tmp_path: Path):
+    project = make_project(tmp_path / "one project")
+    snapshots = prefixed_snapshots(project, count=12, floats=1_500_000)
+    command = [sys.executable, "-m", "dlc_snapshot_fix", str(project), "--no-model-check"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not names.manifest_path(project).exists():  # the first original is kept: writing has begun
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)  # what a scheduler's cancel, time limit or preemption sends
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, out + err
+    assert "interrupted (stopped by signal SIGTERM)" in err and "Traceback" not in err
+    first = states(snapshots)
+    assert {state for state, _ in first.values()} <= {"original", "migrated"}
+    assert any(state == "original" for state, _ in first.values()), "the signal came too late"
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert {state for state, _ in states(snapshots).values()} == {"migrated"}
+    assert list(project.rglob(".*.tmp")) == []

@@ -164,8 +164,8 @@ def migrate_archive(
 
     ``on_progress`` gets the report after each project (to save it as far as it got). On
     KeyboardInterrupt (Ctrl-C, or SIGTERM after :func:`~dlc_snapshot_fix.signals.stop_on_signals`)
-    the workers are told to stop too: each abandons the snapshot it is on, which keeps its
-    original (a temp file is cleaned up by the next run), and the report is marked interrupted.
+    the workers are told to stop too: each finishes the snapshot it is on and starts no other,
+    and the report is marked interrupted.
     """
     shard = shard or Shard()
     options = options or MigrationOptions()
@@ -195,7 +195,7 @@ def migrate_archive(
         except KeyboardInterrupt:
             report.interrupted = True
     else:
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=signals.stop_once)
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=signals.stop_between_snapshots)
         futures: dict[concurrent.futures.Future, Path] = {}
         try:
             for project in mine:
@@ -216,8 +216,8 @@ def migrate_archive(
 def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """SIGTERM to each worker: Ctrl-C reaches them through the terminal, a ``kill`` of this process does not.
 
-    A worker stops once (its handler ignores a second signal), so one signalled already
-    (a scheduler signals every process of the job) is not disturbed in its clean-up.
+    A worker only notes it (:func:`~dlc_snapshot_fix.signals.stop_between_snapshots`), so a
+    second one (a scheduler signals every process of the job) changes nothing.
     """
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         with contextlib.suppress(ProcessLookupError, AttributeError, TypeError):

@@ -279,6 +279,8 @@ def _migrate_one(
     options: MigrationOptions,
 ) -> SnapshotResult:
     """One snapshot, fenced: whatever goes wrong becomes this snapshot's failure, and the run goes on."""
+    if signals.stopping():  # a pool worker told to stop: between two snapshots is where it stops
+        raise signals.interrupted()
     started = time.perf_counter()
     result = SnapshotResult(path=snapshot_file.path, role=snapshot_file.role, status=Status.CLEAN)
     before = _identity_or_none(snapshot_file.path)

@@ -35,19 +35,21 @@ def interrupted() -> KeyboardInterrupt:
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     global _stopped_by
     _stopped_by = signal.Signals(signum).name
-    # once: a second signal (a scheduler signals every process of the job, Ctrl-C reaches the
-    # workers through the terminal, and the main process forwards a stop to its workers) must
-    # not interrupt the clean-up of the first
-    for each in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(each) is _interrupt:
-            signal.signal(each, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+    # once: a second SIGTERM (a scheduler signals every process of the job) must not
+    # interrupt the clean-up of the first
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"stopped by signal {_stopped_by}")
 
 
 def _interrupt_each_time(signum: int, frame: FrameType | None) -> None:
     global _stopped_by
     _stopped_by = signal.Signals(signum).name
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+    raise KeyboardInterrupt(f"stopped by signal {_stopped_by}")
+
+
+def _note_stop(signum: int, frame: FrameType | None) -> None:
+    global _stopped_by
+    _stopped_by = signal.Signals(signum).name
 
 
 def stop_on_signals() -> None:
@@ -62,7 +64,13 @@ def stop_on_signals() -> None:
         signal.signal(signal.SIGINT, _interrupt_each_time)
 
 
-def stop_once() -> None:
-    """For a worker process: the first SIGTERM or SIGINT stops it, later ones are ignored."""
+def stop_between_snapshots() -> None:
+    """For a pool worker: SIGTERM and SIGINT are only remembered; the worker stops before its next snapshot.
+
+    Not an interrupt at an arbitrary point: with workers interrupted anywhere, a run hung once
+    after SIGTERM in a matrix run (most likely an interrupt while a worker wrote its result
+    into the pool's pipe: half a message there, and the main process waits for the rest
+    forever). Stopping at a snapshot boundary also finishes the snapshot in hand.
+    """
     for each in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(each, _interrupt)
+        signal.signal(each, _note_stop)

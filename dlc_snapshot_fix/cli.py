@@ -416,16 +416,16 @@ def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: s
     if csv_path:
         write_rows_csv(merged["snapshots"], Path(csv_path))
     for shard in merged["shards"]:
-        if shard["state"] != "finished" or shard["failed"]:
-            what = "killed before it finished" if shard["state"] == "running" else shard["state"]
-            if shard["state"] == "finished":
-                what = f"{shard['failed']} snapshot(s) failed"
+        what = {"running": "killed before it finished", "interrupted": "interrupted"}.get(shard["state"])
+        if what is None and shard["failed"]:
+            what = f"{shard['failed']} snapshot(s) failed"
+        if what is not None:
             click.secho(f"shard {shard['shard']}: {what} ({shard['file']})", fg="red")
     for missing in merged["missing_shards"]:
         click.secho(f"shard {missing}: never reported (no report file)", fg="red")
     for ignored in merged["ignored_reports"]:
         click.secho(f"ignored {ignored['file']}: {ignored['reason']}", fg="red")
-    failed = sum(row["status"] == "failed" for row in merged["snapshots"])
+    failed = sum(shard["failed"] for shard in merged["shards"])
     shards = ", ".join(shard["shard"] for shard in merged["shards"]) or "none"
     click.echo(
         f"merged {len(merged['shards'])} reports (shards {shards}): {len(merged['snapshots'])} snapshots, "

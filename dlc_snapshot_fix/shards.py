@@ -136,31 +136,34 @@ def merge_reports(paths: Iterable[Path], expected: int | None = None) -> dict[st
         "snapshots": [],
         "skipped": [],
     }
-    by_shard: dict[str, list[tuple[float, Path, dict[str, Any]]]] = {}
+    by_shard: dict[Shard, list[tuple[float, Path, dict[str, Any]]]] = {}
     for path in report_files(paths):
         try:
             part = json.loads(path.read_text(encoding="utf-8"))
-            shard, rows = str(part["shard"]), list(part["snapshots"])
-            if Shard.parse(shard).count != (expected or Shard.parse(shard).count):
+            shard, rows = Shard.parse(str(part["shard"])), list(part["snapshots"])
+            if expected is not None and shard.count != expected:
                 raise ValueError(f"shard {shard} is not one of {expected} shards")
             if not all(isinstance(row, dict) and "status" in row for row in rows):
                 raise ValueError("a snapshot row without a status")
             by_shard.setdefault(shard, []).append((path.stat().st_mtime, path, part))
         except (OSError, ValueError, KeyError, TypeError) as error:
             merged["ignored_reports"].append({"file": str(path), "reason": f"{type(error).__name__}: {error}"})
-    newest = {}
-    for shard, parts in by_shard.items():
-        *older, newest[shard] = sorted(parts, key=lambda part: part[0])
-        for _, path, _ in older:  # two files for one shard: the task's newer run wins
-            merged["ignored_reports"].append({"file": str(path), "reason": f"a newer report of shard {shard} exists"})
 
     skipped: dict[str, dict[str, Any]] = {}
-    for shard in sorted(newest, key=lambda text: Shard.parse(text).index):
-        _, path, part = newest[shard]
+    for shard in sorted(by_shard, key=lambda shard: shard.index):
+        *older, (_, path, part) = sorted(by_shard[shard], key=lambda found: found[0])
+        for _, stale, _ in older:  # two files for one shard: the task's newer run wins
+            merged["ignored_reports"].append({"file": str(stale), "reason": f"a newer report of shard {shard} exists"})
         state = part.get("state", "interrupted" if part.get("interrupted") else "finished")
         failed = sum(row["status"] == "failed" for row in part["snapshots"])
         merged["shards"].append(
-            {"shard": shard, "file": str(path), "state": state, "snapshots": len(part["snapshots"]), "failed": failed}
+            {
+                "shard": str(shard),
+                "file": str(path),
+                "state": state,
+                "snapshots": len(part["snapshots"]),
+                "failed": failed,
+            }
         )
         merged["root"] = merged["root"] or part.get("root")
         merged["interrupted"] |= state != "finished"
@@ -168,7 +171,7 @@ def merge_reports(paths: Iterable[Path], expected: int | None = None) -> dict[st
         for entry in part.get("skipped", []):  # every task sees the same skipped folders: list each once
             skipped.setdefault(str(entry.get("path")), entry)
     if expected is not None:
-        reported = {Shard.parse(shard).index for shard in newest}
+        reported = {shard.index for shard in by_shard}
         merged["missing_shards"] = [f"{i + 1}/{expected}" for i in range(expected) if i not in reported]
     merged["skipped"] = list(skipped.values())
     merged["snapshots"].sort(key=lambda row: (str(row.get("project")), str(row.get("path"))))
@@ -176,8 +179,8 @@ def merge_reports(paths: Iterable[Path], expected: int | None = None) -> dict[st
         merged["missing_shards"]
         or merged["ignored_reports"]
         or merged["interrupted"]
-        or any(row["status"] == "failed" for row in merged["snapshots"])
+        or any(shard["failed"] for shard in merged["shards"])
         or any(entry.get("problem") for entry in merged["skipped"])
-        or not newest
+        or not by_shard
     )
     return merged

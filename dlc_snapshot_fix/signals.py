@@ -32,24 +32,22 @@ def interrupted() -> KeyboardInterrupt:
     return KeyboardInterrupt(f"stopped by signal {_stopped_by}")
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    global _stopped_by
-    _stopped_by = signal.Signals(signum).name
-    # once: a second SIGTERM (a scheduler signals every process of the job) must not
-    # interrupt the clean-up of the first
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"stopped by signal {_stopped_by}")
-
-
-def _interrupt_each_time(signum: int, frame: FrameType | None) -> None:
-    global _stopped_by
-    _stopped_by = signal.Signals(signum).name
-    raise KeyboardInterrupt(f"stopped by signal {_stopped_by}")
-
-
 def _note_stop(signum: int, frame: FrameType | None) -> None:
     global _stopped_by
     _stopped_by = signal.Signals(signum).name
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    _note_stop(signum, frame)
+    # once: a second SIGTERM (a scheduler signals every process of the job) must not
+    # interrupt the clean-up of the first
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise interrupted()
+
+
+def _interrupt_each_time(signum: int, frame: FrameType | None) -> None:
+    _note_stop(signum, frame)
+    raise interrupted()
 
 
 def stop_on_signals() -> None:

@@ -8,11 +8,14 @@ RSS is the process's own (``wait4``'s ``ru_maxrss``). Each figure is the median 
 in the same run: ``cp -a`` of the archive, the common script (copy backup, ``torch.load``,
 ``k.replace``, ``torch.save``), and a full ``torch.load`` of every snapshot.
 
-    python benchmarks/bench_processes.py [--count 16] [--repeat 3] [--scale 16,64,256] [--out DIR]
+    python benchmarks/bench_processes.py [--count 16] [--repeat 3] [--scale 16,64,256] [--big-gb 1.2] [--out DIR]
 
 The archive: ``--count`` snapshots with the ResNet-50 pose model's key set and shapes from
 ``sample_project`` (~95 MB each, saved as a two-GPU DeepLabCut 3.0.0rc5 run saved them), 4 per
-project. The scale runs use small snapshots (one conv layer, ~40 KB) to reach 256 cheaply.
+project. Then one snapshot of ``--big-gb`` GB (default 1.2), rewritten and appended once each
+(peak RSS must not grow with the snapshot). The scale runs use small snapshots (one conv layer,
+~40 KB) to reach 256 cheaply; besides the time per snapshot it prints what each snapshot
+added beyond the previous, smaller archive (the start-up is spread over the first).
 Writes ``results.json`` and ``scale.png`` to ``--out`` and prints a Markdown table.
 """
 
@@ -93,7 +96,7 @@ def small_archive(root: Path, count: int, per_project: int = 4) -> None:
         torch.save({"metadata": {"epoch": 1}, "model": model.state_dict()}, project / TRAIN / f"snapshot-{i:03d}.pt")
 
 
-def build(kind: str, folder: Path, count: int) -> None:
+def build(kind: str, folder: Path, count: float) -> None:
     """Make an archive in a child process, so that this one never imports torch.
 
     A child's peak RSS (``ru_maxrss``) starts from its parent's at ``fork`` and survives
@@ -108,12 +111,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scale", default="16,64,256")
+    parser.add_argument("--big-gb", type=float, default=1.2, help="also one snapshot of this many GB (0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--make", nargs=3, metavar=("KIND", "DIR", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make:  # in a child process: this one must stay small (see build)
         kind, folder, count = args.make
-        make_template(Path(folder), int(count), 0) if kind == "resnet" else small_archive(Path(folder), int(count))
+        if kind == "big":
+            make_template(Path(folder), 0, float(count))
+        else:
+            make_template(Path(folder), int(count), 0) if kind == "resnet" else small_archive(Path(folder), int(count))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     cache = settle_cache()
@@ -145,6 +152,16 @@ def main() -> None:
             ),
         ]
         shutil.rmtree(work, ignore_errors=True)
+        if args.big_gb:
+            big = scratch / "big"
+            build("big", big, args.big_gb)
+            gigabytes = sum(p.stat().st_size for p in big.rglob("*.pt")) / 1e9
+            print(f"one snapshot of {gigabytes:.2f} GB", flush=True)
+            for method in ("rewrite", "append"):
+                command = [*TOOL, str(work), "--no-model-check", "-q", "--method", method]
+                rows.append(measure(f"{method}, one {gigabytes:.2f} GB snapshot", command, big, work, 1))
+            shutil.rmtree(big)
+            shutil.rmtree(work, ignore_errors=True)
         by = {row["name"]: row for row in rows}
         ratios = {
             "seed/append": by["seed script"]["seconds"] / by["append"]["seconds"],
@@ -171,6 +188,7 @@ def main() -> None:
         "rows": rows,
         "ratios": ratios,
         "scale": scale,
+        "scale_added_ms_per_snapshot": marginal_costs(scale),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(scale, args.out / "scale.png")
@@ -178,10 +196,30 @@ def main() -> None:
     for row in rows:
         print(f"| {row['name']} | {row['seconds']:.3f} | {row['peak_rss'] / 2**20:.0f} |")
     print("\n" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print("\n| method | snapshots | time per snapshot (ms) | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |")
-    for row in scale:
+    print("\n| method | snapshots | time per snapshot (ms) | added per snapshot (ms) | peak RSS (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row, added in zip(scale, marginal_costs(scale), strict=True):
         per = 1000 * row["seconds"] / row["count"]
-        print(f"| {row['method']} | {row['count']} | {per:.1f} | {row['peak_rss'] / 2**20:.0f} |")
+        more = f"{added:.1f}" if added is not None else "-"
+        print(f"| {row['method']} | {row['count']} | {per:.1f} | {more} | {row['peak_rss'] / 2**20:.0f} |")
+
+
+def marginal_costs(scale: list[dict]) -> list[float | None]:
+    """What each snapshot added to the run beyond the previous, smaller archive of the same method (ms).
+
+    The whole-process time per snapshot also spreads the start-up over the archive; this
+    separates the two.
+    """
+    costs: list[float | None] = []
+    previous: dict[str, dict] = {}
+    for row in scale:
+        before = previous.get(row["method"])
+        if before is None:
+            costs.append(None)
+        else:
+            costs.append(1000 * (row["seconds"] - before["seconds"]) / (row["count"] - before["count"]))
+        previous[row["method"]] = row
+    return costs
 
 
 def plot(scale: list[dict], path: Path) -> None:

@@ -107,6 +107,8 @@ class ArchiveReport:
             return ExitCode.PROBLEMS
         if any(s.problem for s in self.skipped):
             return ExitCode.PROBLEMS
+        if any(r.exit_code(check=r.action == "check") == ExitCode.NEEDS_MIGRATION for r in self.projects):
+            return ExitCode.NEEDS_MIGRATION  # as for one project: a --check found work to do
         return ExitCode.OK
 
     def summary(self) -> str:

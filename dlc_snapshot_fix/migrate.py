@@ -8,6 +8,7 @@ others are still processed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -15,11 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import filelock
-
-from dlc_snapshot_fix import names, pickled, signals, store, transforms, verify, zipappend
+from dlc_snapshot_fix import names, pickled, rezip, signals, store, transforms, verify, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
-from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot
+from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot, read_recorded
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
 from dlc_snapshot_fix.verify import (
     ModelChecker,
@@ -180,6 +179,8 @@ def _record(report: ProjectReport, result: SnapshotResult, on_result: Callable[[
 @contextlib.contextmanager
 def _project_lock(project: Path) -> Iterator[None]:
     """Hold the project's lock for a writing run, or stop at once if another run holds it."""
+    import filelock  # (imports asyncio: a cost only a writing run pays)
+
     lock_file = names.lock_path(project)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -201,13 +202,22 @@ class _Plan:
     destination: Path
     numpy_types: list[str]
     """numpy scalar types left in ``metadata`` (one per scalar): whether DeepLabCut reads them is its call."""
-    append: tuple[zipappend.ZipLayout, bytes] | None = None
-    """For the fast path: the original's layout and the new ``data.pkl``; ``None`` for a full rewrite."""
+    append: zipappend.ZipLayout | None = None
+    """For the fast path: the original's layout (the new ``data.pkl`` is :attr:`result_pickle`); ``None`` for a
+    full rewrite."""
     expected_records: Any = None
     """For a rewrite of a zip: the result as tensor records, so the read-back can stream instead of map."""
-    result_pickle: bytes | None = None
-    """The result's ``data.pkl`` when known without writing (a recorded pickle): what a check shows DeepLabCut."""
+    rezip: rezip.RezipPlan | None = None
+    """For a rewrite at copy speed (a zip laid out as torch writes it); ``None``: torch rewrites it."""
+    make_pickle: Callable[[], bytes] | None = None
+    """Makes the result's ``data.pkl`` where it is known without writing (a recorded pickle)."""
     layout: zipappend.ZipLayout | None = None
+    storage_order: list[str] | None = None
+
+    @functools.cached_property
+    def result_pickle(self) -> bytes | None:
+        """What a check shows DeepLabCut, made on first use: a check without a model check never needs it."""
+        return self.make_pickle() if self.make_pickle is not None else None
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -216,29 +226,51 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _plan(snapshot_file: SnapshotFile, options: MigrationOptions) -> _Plan:
-    """Read and transform (pure after the read); the fast path where asked and possible, else a full load."""
+def _plan(snapshot_file: SnapshotFile, options: MigrationOptions, write: bool) -> _Plan:
+    """Read and transform (pure after the read), asking torch only where the work needs it.
+
+    The torch-free reader comes first: what it accepts, torch reads the same way (never
+    "fix" what torch cannot open), and a check, an append or a clean snapshot need no more.
+    torch loads the file (memory-mapped: no tensor data is read) for a full rewrite (it
+    writes with ``torch.save``), an exported model DeepLabCut's model is checked with,
+    ``--trust``, and whatever the torch-free reader leaves to torch's judgement.
+    """
     recorded = None
-    # bounds first, then torch itself must read the file as it is (memory-mapped: no tensor data is read),
-    # both inside load_snapshot: never "fix" what torch cannot open
-    loaded = load_snapshot(snapshot_file.path, trust=options.trust)
-    is_zip = is_zip_snapshot(snapshot_file.path)
-    with contextlib.suppress(zipappend.NotAppendable, pickled.NotRecordable, OSError):
-        if not is_zip:
-            raise zipappend.NotAppendable("torch's legacy format")
-        layout = zipappend.read_layout(snapshot_file.path)
-        original_pickle = zipappend.read_member(snapshot_file.path, layout, layout.pickle_record())
-        records, order = pickled.loads(original_pickle)
-        recorded = _transform(snapshot_file, records, options)
-        recorded.layout = layout
-        recorded.result_pickle = pickled.dumps(recorded.fixed, order) if recorded.changes else original_pickle
-        if options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best):
-            if recorded.changes:
-                recorded.append = (layout, recorded.result_pickle)
-            return recorded
-    plan = _transform(snapshot_file, loaded, options)
+    if not options.trust:
+        with contextlib.suppress(pickled.NotRecordable):
+            recorded = _recorded_plan(snapshot_file, options, write)
     if recorded is not None:
-        plan.expected_records, plan.result_pickle, plan.layout = recorded.fixed, recorded.result_pickle, recorded.layout
+        rewrite = recorded.changes and write and recorded.append is None and recorded.rezip is None
+        if not (rewrite or (snapshot_file.role == "exported" and options.check_model)):
+            return recorded
+    plan = _transform(snapshot_file, load_snapshot(snapshot_file.path, trust=options.trust), options)
+    if recorded is not None:
+        plan.expected_records, plan.make_pickle, plan.layout = recorded.fixed, recorded.make_pickle, recorded.layout
+    return plan
+
+
+def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write: bool) -> _Plan:
+    """The plan from the torch-free reader, tensors as records; the new ``data.pkl`` is made now if it is to be
+    written (a pickle that cannot be made then goes to torch), else when a check first needs it."""
+    recorded = read_recorded(snapshot_file.path)
+    plan = _transform(snapshot_file, recorded.snapshot, options)
+    plan.layout = recorded.layout
+    fixed, order = plan.fixed, recorded.storage_order
+    if plan.changes and write:  # made now: a pickle that cannot be made sends the snapshot to torch's rewrite
+        new_pickle = pickled.dumps(fixed, order)
+        plan.make_pickle = lambda: new_pickle
+    elif plan.changes:
+        plan.make_pickle = lambda: pickled.dumps(fixed, order)
+    else:
+        plan.make_pickle = lambda: recorded.pickle
+    fast = options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best)
+    if plan.changes and fast:
+        plan.append = recorded.layout
+    elif plan.changes:
+        with contextlib.suppress(rezip.NotRezippable, OSError):
+            plan.rezip = rezip.plan(snapshot_file.path, recorded.layout)
+            plan.expected_records = plan.fixed
+            plan.storage_order = order
     return plan
 
 
@@ -312,11 +344,11 @@ def _migrate_fenced(
     try:
         seen = _identity(path)
         result.size = path.stat().st_size
-        plan = _plan(snapshot_file, options)
+        plan = _plan(snapshot_file, options, write=writer is not None)
         if plan.changes and writer is not None:
             manifest = writer.manifest()
             if _identity(path) != seen:  # another run rewrote it before we held the lock: look again
-                plan = _plan(snapshot_file, options)
+                plan = _plan(snapshot_file, options, write=True)
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
         result.status = Status.FAILED
         result.reason = _failure_reason(error)
@@ -326,7 +358,6 @@ def _migrate_fenced(
     if snapshot_file.role == "exported":  # DeepLabCut-Live loads these, not DeepLabCut's runners: check in memory
         for entry in entries:
             result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
-    planned_tail = _planned_tail(plan) if plan.changes and writer is None else None
     if plan.changes:
         result.status = Status.NEEDS_FIX
         if writer is not None:
@@ -341,12 +372,12 @@ def _migrate_fenced(
     for entry in entries:  # DeepLabCut's verdict on the file as it is now (or, for a check, as it will be)
         if result.status in (Status.CLEAN, Status.FIXED):
             result.model_checks[entry] = checker.check(snapshot_file, None, entry, source=plan.destination)
-        elif planned_tail is not None:
+        elif writer is None and checker.enabled and (planned_tail := _planned_tail(plan)) is not None:
             opener = verify.joined_opener(path, planned_tail)
             result.model_checks[entry] = checker.check(snapshot_file, None, entry, source=opener)
         else:  # a pickle only a full load reads: DeepLabCut reads the file as it is, the keys are the planned ones
             result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry, source=path)
-    dialect = pickled.numpy_dialect(plan.result_pickle) if plan.result_pickle else None
+    dialect = pickled.numpy_dialect(plan.result_pickle) if plan.numpy_types and plan.result_pickle else None
     hint, note = verify.judge_numpy_metadata(plan.numpy_types, result.model_checks.values(), dialect)
     result.hints += [hint] if hint else []
     result.notes += [note] if note else []
@@ -354,7 +385,10 @@ def _migrate_fenced(
 
 def _planned_tail(plan: _Plan) -> bytes | None:
     """What an append would add: the file DeepLabCut is asked about in a check, without writing it."""
-    if plan.layout is None or plan.result_pickle is None:
+    try:
+        if plan.layout is None or plan.result_pickle is None:
+            return None
+    except pickled.NotRecordable:  # a pickle only a full load reads
         return None
     body, end = zipappend.build_tail(plan.layout, plan.result_pickle)
     return body + end
@@ -371,7 +405,12 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
         renamed_from = path if destination != path else None
         entry = manifest.add(destination, backup, result.sha256_before, method, "; ".join(plan.changes), renamed_from)
         result.backup = backup
-        temp, result.sha256_after = store.write_temp(path, plan.fixed, zip_format=is_zip_snapshot(path))
+        if plan.rezip is not None:
+            temp, result.sha256_after = store.write_rezipped(
+                path, plan.rezip, plan.result_pickle, lambda written: _check_rezipped(written, plan)
+            )
+        else:
+            temp, result.sha256_after = store.write_temp(path, plan.fixed, zip_format=is_zip_snapshot(path))
         # record what is about to be at the path before it is there, so restore can recognise it after a crash
         entry.sha256_after, entry.state = result.sha256_after, "writing"
         try:
@@ -390,7 +429,9 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
         result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
         return
     try:
-        if plan.expected_records is not None:
+        if plan.rezip is not None:
+            differences = []  # proven before it replaced the original (_check_rezipped); the same inode since
+        elif plan.expected_records is not None:
             plan.fixed = {}  # let go of the original's memory map before reading back: one snapshot in memory at most
             differences = streamed_differences(backup, destination, plan.expected_records)
         else:  # torch's legacy format, or a pickle only a full load reads (with --trust)
@@ -406,6 +447,16 @@ def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, pl
     entry.state = "done"
     manifest.save()
     result.status = Status.FIXED
+
+
+def _check_rezipped(written: Path, plan: _Plan) -> None:
+    """A rewrite at copy speed, before it replaces anything: each record against its CRC, the new pickle,
+    then the file read as torch will read it, to the snapshot meant."""
+    assert plan.rezip is not None and plan.result_pickle is not None
+    rezip.read_back(written, plan.rezip.layout, plan.result_pickle)
+    reread = read_recorded(written, written_here=plan.result_pickle)
+    if reread.storage_order != plan.storage_order or not same_structure(plan.expected_records, reread.snapshot):
+        raise rezip.ReadBackError("it does not read as the snapshot meant")
 
 
 def _copy_elsewhere(result: SnapshotResult, project: Path, backup_dir: Path | None) -> None:
@@ -427,8 +478,8 @@ def _copy_elsewhere(result: SnapshotResult, project: Path, backup_dir: Path | No
 
 def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, hash_files: bool) -> None:
     """The fast path: journal in the manifest, append, read the new pickle back; on a difference, truncate."""
-    assert plan.append is not None
-    layout, new_pickle = plan.append
+    assert plan.append is not None and plan.result_pickle is not None
+    layout, new_pickle = plan.append, plan.result_pickle
     path = result.path
     try:
         body, end = zipappend.build_tail(layout, new_pickle)
@@ -470,25 +521,28 @@ def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes
     """torch does not checksum data.pkl: read it back through the new directory, as torch will, and compare.
 
     The bytes must be the pickle meant, the directory must list the same members in the
-    same order, and the pickle must parse to the expected keys with storages in the
-    original order. The tensor bytes are not read: they were never written.
+    same order, and the file must read (by the reader as strict as torch's) to the
+    expected keys with storages in the original order. The tensor bytes are not read:
+    they were never written.
     """
     try:
         new_layout = zipappend.read_layout(path)
         record = new_layout.pickle_record()
         if record.header_offset != layout.size or zipappend.read_member(path, new_layout, record) != new_pickle:
             return ["the directory does not point at the new data.pkl"]
+        old_record = layout.pickle_record()
         if [r.raw for r in new_layout.records if r is not record] != [
-            r.raw for r in layout.records if r is not layout.pickle_record()
+            r.raw for r in layout.records if r is not old_record
         ]:
             return ["the directory lists other members"]
-        reread, order = pickled.loads(zipappend.read_member(path, new_layout, record))
-        load_snapshot(path)  # and torch, memory-mapped, reads the new file
+        reread = read_recorded(path, written_here=new_pickle)
     except Exception as error:  # whatever keeps the result from being proven truncates the append away
         return [f"the appended file does not read back: {type(error).__name__}: {error}"]
-    if order != list(dict.fromkeys(r.storage.key for r in records_in(expected))):
+    if reread.storage_order != list(dict.fromkeys(r.storage.key for r in records_in(expected))):
         return ["storages are referenced in another order"]
-    return [] if same_structure(expected, reread) else ["the new data.pkl does not parse to the snapshot meant"]
+    return (
+        [] if same_structure(expected, reread.snapshot) else ["the new data.pkl does not parse to the snapshot meant"]
+    )
 
 
 def _undo(entry: store.ManifestEntry, project: Path) -> None:

@@ -1,28 +1,32 @@
-"""Read and rewrite a snapshot's ``data.pkl`` without building a single tensor.
+"""Read and rewrite a snapshot's ``data.pkl`` without building a single tensor, and without torch.
 
 A ``torch.save`` file keeps every key name in one small pickle (``data.pkl``, ~30 KB
 for a ResNet-50 pose model); the ~95 MB of tensor bytes sit in separate zip records
 that the pickle refers to by *persistent id* ``('storage', type, key, location, numel)``.
 Stripping a prefix therefore only needs a new ``data.pkl``. Here the pickle is read by
-a restricted unpickler: only the globals torch's weights-only loader allows (plus
-numpy scalar types) are resolved, ``_rebuild_tensor_v2`` is *recorded* as a
+a restricted unpickler that resolves a handful of globals, a subset of what torch's
+weights-only loader allows: ``collections.OrderedDict``, ``_codecs.encode`` (latin-1
+only), torch's storage types as :class:`TorchName` placeholders, numpy's scalar and
+numeric dtype (checked before numpy sees them). ``_rebuild_tensor_v2`` is *recorded* as a
 :class:`TensorRecord` instead of called, and storages stay :class:`StorageRecord`
 placeholders carrying their original persistent id, which :func:`dumps` writes back.
+
+Nothing here imports torch (seconds and ~600 MB for a process that never builds a
+tensor), and numpy only when a pickle names it. Anything else is :class:`NotRecordable`:
+torch's own loader judges it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import pickletools
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
-import torch
-import torch._weights_only_unpickler as weights_only
-
-from dlc_snapshot_fix.reading import NUMPY_SCALAR_GLOBALS, NUMPY_SCALAR_NAMES
+from dlc_snapshot_fix.reading import NUMPY_SCALAR_NAMES, numpy_scalar_globals
 
 
 class NotRecordable(Exception):
@@ -49,7 +53,9 @@ class _DTypeRecord:
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def real(self) -> np.dtype:
+    def real(self) -> Any:
+        import numpy as np  # a dtype record exists only where a pickle named numpy
+
         if not (
             1 <= len(self.args) <= 3
             and isinstance(self.args[0], str)
@@ -81,7 +87,57 @@ def _record_scalar(dtype: Any, data: Any = None) -> Any:
     real = dtype.real() if isinstance(dtype, _DTypeRecord) else None
     if real is None or not isinstance(data, bytes) or len(data) != real.itemsize:
         raise NeverWritten("a numpy scalar whose dtype or bytes numpy never writes")
-    return _NUMPY_SCALAR(real, data)
+    return _numpy_names()[1](real, data)
+
+
+STORAGE_ITEMSIZE = {
+    "FloatStorage": 4,
+    "DoubleStorage": 8,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}
+"""torch's typed storage classes a snapshot's tensors use, with their element size in bytes."""
+
+
+class TorchName:
+    """A torch global known by name only (``torch.FloatStorage``); pickled back as the same ``GLOBAL``.
+
+    One object per name (:func:`torch_name`), so placeholders compare by identity as the
+    classes they stand for do. Calling one is never right: it is what a pickle names, not torch.
+    """
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:
+        raise NotRecordable(f"{self} called: only torch's own loader does that")
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    __repr__ = __str__
+
+    @property
+    def itemsize(self) -> int:
+        return STORAGE_ITEMSIZE[self.name]
+
+
+@functools.cache
+def torch_name(module: str, name: str) -> TorchName:
+    return TorchName(module, name)
+
+
+REBUILD_TENSOR_V2 = torch_name("torch._utils", "_rebuild_tensor_v2")
 
 
 @dataclass(eq=False)
@@ -93,6 +149,17 @@ class StorageRecord:
     @property
     def key(self) -> str:
         return str(self.pid[2])
+
+    @property
+    def storage_type(self) -> TorchName:
+        return self.pid[1]
+
+    @property
+    def numel(self) -> int:
+        return self.pid[4]
+
+    def __setstate__(self, state: Any) -> None:
+        raise NotRecordable("a pickle that sets state on a storage")
 
 
 @dataclass(eq=False)
@@ -106,61 +173,88 @@ class TensorRecord:
         return self.args[0]
 
     @property
-    def shape(self) -> torch.Size:
-        return torch.Size(self.args[2])
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.args[2])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.args[2])
 
     def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2, self.args)
+        return (REBUILD_TENSOR_V2, self.args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise NotRecordable("a pickle that sets state on a tensor")
 
 
 def _record_tensor(*args: Any) -> TensorRecord:
-    if not isinstance(args[0], StorageRecord):
+    if not args or not isinstance(args[0], StorageRecord):
         raise NotRecordable("a tensor whose storage is not a persistent id")
     return TensorRecord(args)
 
 
-def _allowed_globals() -> dict[str, Any]:
-    """torch's weights-only globals plus numpy's; numpy's dtype and scalar go through the checks above."""
-    allowed = dict(weights_only._get_allowed_globals())
-    for entry in NUMPY_SCALAR_GLOBALS:
+def _encode_latin1(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol 2 pickles ``bytes`` (latin-1 text); any other use is torch's to judge."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise NotRecordable(f"_codecs.encode with {type(text).__name__} and {encoding!r}")
+    return text.encode("latin-1")
+
+
+@functools.cache
+def _numpy_names() -> tuple[dict[str, Any], Any]:
+    """(numpy's allowed globals by name, numpy's scalar reconstructor); numpy is imported here, on first need."""
+    import numpy as np
+
+    allowed: dict[str, Any] = {}
+    scalar = None
+    for entry in numpy_scalar_globals():
         obj, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__name__}")
         if name in NUMPY_SCALAR_NAMES:
-            allowed[name] = _record_scalar
+            allowed[name], scalar = _record_scalar, obj
         elif obj is np.dtype or (isinstance(obj, type) and issubclass(obj, np.dtype)):
             allowed[name] = _DTypeRecord
-        else:
-            allowed[name] = obj
-    return allowed
+    return allowed, scalar
 
 
-_NUMPY_SCALAR = next(e[0] for e in NUMPY_SCALAR_GLOBALS if isinstance(e, tuple))
+PLAIN_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "_codecs.encode": _encode_latin1,
+    "torch._utils._rebuild_tensor_v2": _record_tensor,
+}
 
 
 class _RecordingUnpickler(pickle.Unpickler):
     def __init__(self, stream: io.BytesIO):
         super().__init__(stream, encoding="utf-8")
-        self.allowed = _allowed_globals()
         self.storage_order: list[str] = []
+        self.seen_storages: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
-        if full == "torch._utils._rebuild_tensor_v2":
-            return _record_tensor
-        if module == "torch" and name.endswith("Storage"):
-            storage_class = getattr(torch, name, None)  # pickled back as the same GLOBAL torch.<Type>Storage
-            if isinstance(storage_class, type):
-                return storage_class
-        if "_rebuild" in name:
-            raise NotRecordable(f"{full}: a tensor kind only a full load handles")
-        if full not in self.allowed:
-            raise NotRecordable(f"{full} is not allowed for weights-only loading")
-        return self.allowed[full]
+        if full in PLAIN_GLOBALS:
+            return PLAIN_GLOBALS[full]
+        if module == "torch" and name in STORAGE_ITEMSIZE:
+            return torch_name(module, name)
+        if module.split(".", 1)[0] == "numpy" and full in _numpy_names()[0]:
+            return _numpy_names()[0][full]
+        raise NotRecordable(f"{full}: only torch's own loader judges it")
 
     def persistent_load(self, pid: Any) -> StorageRecord:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise NotRecordable(f"unexpected persistent id {pid!r}")
+        if not (
+            type(pid) is tuple
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], TorchName)
+            and pid[1].name in STORAGE_ITEMSIZE
+            and type(pid[2]) is str
+            and type(pid[3]) is str
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
+            raise NotRecordable(f"a persistent id torch.save does not write: {pid!r}")
         record = StorageRecord(pid)
-        if record.key not in self.storage_order:
+        if record.key not in self.seen_storages:
+            self.seen_storages.add(record.key)
             self.storage_order.append(record.key)
         return record
 
@@ -203,17 +297,51 @@ def _without_dtype_records(obj: Any) -> Any:
     return obj
 
 
-class _RecordPickler(pickle.Pickler):
+class _RecordPickler(pickle._Pickler):
+    """Python's own pickler (the C one must import a global's module to write it: torch), plus torch names.
+
+    For what a snapshot holds it writes the same bytes as the C pickler ``torch.save`` uses.
+    """
+
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
+
     def __init__(self, stream: io.BytesIO):
         super().__init__(stream, protocol=2)
         self.storage_order: list[str] = []
+        self._seen: set[str] = set()
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, StorageRecord):
-            if obj.key not in self.storage_order:
+        if type(obj) is StorageRecord:
+            if obj.key not in self._seen:
+                self._seen.add(obj.key)
                 self.storage_order.append(obj.key)
             return obj.pid
         return None
+
+    _never_memoized: ClassVar[dict] = {
+        int: pickle._Pickler.save_long,
+        bool: pickle._Pickler.save_bool,
+        float: pickle._Pickler.save_float,
+        type(None): pickle._Pickler.save_none,
+    }
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        """Numbers and ``None`` straight to their writer: what the full ``save`` does for them, without the lookups.
+
+        They are never a persistent id and never memoized; at protocol 2 there are no frames.
+        Half of a snapshot's objects are numbers (offsets, sizes, strides).
+        """
+        writer = self._never_memoized.get(type(obj))
+        if writer is not None:
+            writer(self, obj)
+        else:
+            super().save(obj, save_persistent_id)
+
+    def save_torch_name(self, obj: TorchName) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[TorchName] = save_torch_name
 
 
 def dumps(obj: Any, expected_storage_order: list[str]) -> bytes:
@@ -225,10 +353,42 @@ def dumps(obj: Any, expected_storage_order: list[str]) -> bytes:
     """
     stream = io.BytesIO()
     pickler = _RecordPickler(stream)
-    pickler.dump(obj)
+    try:
+        pickler.dump(obj)
+    except NotRecordable:
+        raise
+    except (pickle.PicklingError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        raise NotRecordable(f"cannot be pickled again as it was read ({error})") from error
     if pickler.storage_order != expected_storage_order:
         raise NotRecordable("the new pickle would reference storages in another order")
     return stream.getvalue()
+
+
+def require_canonical(obj: Any, order: list[str], data: bytes) -> None:
+    """Accept what :func:`loads` read from ``data`` only if pickling it again gives ``data`` byte for byte.
+
+    Python's unpickler is more lenient than torch's weights-only one (``SETITEM`` on a
+    list, ``BUILD`` on anything with a ``__dict__``, ...). A pickle that is exactly what a
+    pickler writes for the objects read holds none of those tricks, so what was read is
+    what torch reads. Anything else goes to torch's own loader.
+    """
+    if dumps(obj, order) != data:
+        raise NotRecordable("its data.pkl is not exactly what torch.save writes for what it holds")
+
+
+def records_in(obj: Any) -> list[TensorRecord]:
+    """Tensor records in pickling order (first reference); iterative, so any nesting depth is fine."""
+    found: list[TensorRecord] = []
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, TensorRecord):
+            found.append(value)
+        elif isinstance(value, dict):
+            stack.extend(reversed(value.values()))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed(value))
+    return found
 
 
 def numpy_dialect(data: bytes) -> str | None:

@@ -15,6 +15,7 @@ file. The original inode is never opened for writing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import errno
@@ -24,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,12 @@ CHUNK = 1 << 20
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256. The whole file is asked of the disk at once (``POSIX_FADV_WILLNEED``): it is read
+    while the first chunks are hashed, rather than chunk after chunk."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -177,6 +183,44 @@ def write_temp(
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def write_rezipped(target: Path, plan: Any, new_pickle: bytes, check: Callable[[Path], None]) -> tuple[Path, str]:
+    """The rewrite at copy speed (:mod:`dlc_snapshot_fix.rezip`) into a fsynced temp file beside ``target``.
+
+    While the kernel writes the file to disk (``fsync``, in a second thread), this one
+    reads it back from memory: its sha256 (returned) and ``check``, which raises if the
+    file is not what was meant. Both must finish before the temp file is returned. On any
+    error the temp file is removed; ``target`` is never touched.
+    """
+    from dlc_snapshot_fix import rezip
+
+    head, tail = rezip.build(plan, new_pickle)
+    ensure_space(target.parent, len(head) + plan.layout.directory_offset - plan.copy_from + len(tail))
+    temp = names.temp_path(target, secrets.token_hex(4))
+    try:
+        rezip.write(plan, target, temp, head, tail)
+        with contextlib.suppress(OSError):
+            os.chmod(temp, target.stat().st_mode & 0o7777)
+        with concurrent.futures.ThreadPoolExecutor(1) as disk:
+            synced = disk.submit(_fsync_file, temp)
+            try:
+                sha256 = sha256_of(temp)
+                check(temp)
+            finally:
+                synced.result()
+        return temp, sha256
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _HashingWriter(io.RawIOBase):

@@ -8,18 +8,30 @@ setup produced the problem, and give it unit tests on a dict built in memory.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-
 from dlc_snapshot_fix import keys
 from dlc_snapshot_fix.pickled import TensorRecord
 
-TENSOR_TYPES = (torch.Tensor, TensorRecord)
-"""What a state dict value may be: a loaded tensor, or one recorded from the pickle (fast path)."""
+
+def is_loaded_tensor(value: Any) -> bool:
+    """A ``torch.Tensor``, asked without importing torch: where torch is not loaded, no tensor exists."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def is_tensor(value: Any) -> bool:
+    """What a state dict value may be: a loaded tensor, or one recorded from the pickle (fast path)."""
+    return isinstance(value, TensorRecord) or is_loaded_tensor(value)
+
+
+def _numpy_scalar_types() -> tuple[type, ...]:
+    """numpy's scalar base class, if numpy is loaded (a numpy scalar cannot exist otherwise); else nothing."""
+    numpy = sys.modules.get("numpy")
+    return (numpy.generic,) if numpy is not None else ()
 
 
 class SnapshotFormatError(ValueError):
@@ -65,7 +77,7 @@ def state_dict_of(snapshot: Mapping[str, Any], entry: str) -> Mapping[str, Any]:
         raise SnapshotFormatError(
             f"{entry!r} is a {type(state_dict).__name__}, not a state dict (a mapping of names to tensors)"
         )
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, TENSOR_TYPES)]
+    not_tensors = [k for k, v in state_dict.items() if not is_tensor(v)]
     if not_tensors:
         raise SnapshotFormatError(
             f"{entry!r} holds {len(not_tensors)} values that are not tensors (first: {not_tensors[0]!r})"
@@ -130,10 +142,11 @@ def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any
     does the same cast, but loads with ``weights_only=False`` and keeps no backup.
     """
     count = 0
+    numpy_scalars = _numpy_scalar_types()
 
     def plain(value: Any) -> Any:
         nonlocal count
-        if isinstance(value, np.generic):
+        if isinstance(value, numpy_scalars):
             count += 1
             return value.item()
         if isinstance(value, dict):
@@ -151,10 +164,11 @@ def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any
 def numpy_metadata_types(snapshot: Mapping[str, Any]) -> list[str]:
     """The numpy scalar types in ``metadata``, one name per scalar (``float64``, ``int64``, ...)."""
     found: list[str] = []
+    numpy_scalars = _numpy_scalar_types()
     stack = [snapshot.get("metadata")]
     while stack:
         value = stack.pop()
-        if isinstance(value, np.generic):
+        if isinstance(value, numpy_scalars):
             found.append(type(value).__name__)
         elif isinstance(value, dict):
             stack.extend(value.values())
@@ -167,6 +181,8 @@ def epoch_of(snapshot: Mapping[str, Any]) -> int | None:
     """The epoch a snapshot's metadata records, if it records one as a whole number."""
     metadata = snapshot.get("metadata")
     epoch = metadata.get("epoch") if isinstance(metadata, Mapping) else None
-    if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool) and epoch >= 0:
+    numpy = sys.modules.get("numpy")
+    whole = (int, numpy.integer) if numpy is not None else (int,)
+    if isinstance(epoch, whole) and not isinstance(epoch, bool) and epoch >= 0:
         return int(epoch)
     return None

@@ -20,17 +20,23 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from dlc_snapshot_fix import keys, pickled, zipappend
 from dlc_snapshot_fix.discover import SnapshotFile, read_yaml
+from dlc_snapshot_fix.transforms import is_loaded_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+records_in = pickled.records_in
 
 
 def tensors_bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (unlike ``torch.equal``, NaN equals an identical NaN)."""
+    import numpy as np
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0:
@@ -42,8 +48,8 @@ def tensors_bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def compare_snapshots(expected: Any, actual: Any, where: str = "snapshot") -> list[str]:
     """Every difference between two loaded snapshots: keys, order, ``_metadata``, tensor bits."""
-    if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
-        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)):
+    if is_loaded_tensor(expected) or is_loaded_tensor(actual):
+        if not (is_loaded_tensor(expected) and is_loaded_tensor(actual)):
             return [f"{where}: tensor expected on one side only"]
         return [] if tensors_bit_identical(expected, actual) else [f"{where}: tensor differs"]
     if isinstance(expected, Mapping) and isinstance(actual, Mapping):
@@ -63,17 +69,6 @@ def compare_snapshots(expected: Any, actual: Any, where: str = "snapshot") -> li
             problems += compare_snapshots(a, b, f"{where}[{index}]")
         return problems
     return [] if expected == actual or (expected != expected and actual != actual) else [f"{where}: value differs"]
-
-
-def records_in(obj: Any) -> list[pickled.TensorRecord]:
-    """Tensor records in pickling order (first reference)."""
-    if isinstance(obj, pickled.TensorRecord):
-        return [obj]
-    if isinstance(obj, dict):
-        return [r for value in obj.values() for r in records_in(value)]
-    if isinstance(obj, (list, tuple)):
-        return [r for value in obj for r in records_in(value)]
-    return []
 
 
 def same_structure(expected: Any, actual: Any) -> bool:
@@ -407,7 +402,7 @@ class ModelChecker:
         if not isinstance(state_dict, Mapping):
             return ModelCheck("mismatch", f"no {entry!r} state dict", missing=keys.group_by_module(model.state_dict()))
         result = compare_to_model({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
-        if result.status == "ok" and all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        if result.status == "ok" and all(map(is_loaded_tensor, state_dict.values())):
             model.load_state_dict(state_dict, strict=True)  # the real thing, as DeepLabCut calls it
         # (tensors recorded from the pickle are compared by shape only: no data is read)
         if result.status == "ok" and loaded is not None:

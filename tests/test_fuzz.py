@@ -37,8 +37,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oddfiles import nested_lists, rezip, snapshot_pickle
 
-from dlc_snapshot_fix import load_snapshot, migrate_project, restore_project
+from dlc_snapshot_fix import load_snapshot, migrate_project, pickled, restore_project, zipappend
 from dlc_snapshot_fix.diagnose import diagnose
+from dlc_snapshot_fix.reading import SnapshotReadError, numpy_allowed, read_recorded
 from dlc_snapshot_fix.report import Status
 
 EXAMPLES = int(os.environ.get("DLC_FUZZ_EXAMPLES", "500"))
@@ -163,10 +164,12 @@ LEAVES = (
 )
 SHAPES = st.recursive(
     LEAVES,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=12) | st.integers(), inner, max_size=4)
-    | st.builds(collections.OrderedDict, st.dictionaries(st.text(max_size=20), inner, max_size=4)),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=12) | st.integers(), inner, max_size=4)
+        | st.builds(collections.OrderedDict, st.dictionaries(st.text(max_size=20), inner, max_size=4))
+    ),
     max_leaves=12,
 )
 
@@ -317,3 +320,55 @@ def test_a_memo_index_that_would_take_a_gigabyte_is_refused(scratch: Path):
         assert result.status == Status.FAILED and "memo index" in result.reason, result.describe()
 
     _check_run(scratch, huge, run)
+
+
+def _same_as_torch(recorded: object, loaded: object, storages: dict[str, bytes]) -> bool:
+    """The recorded snapshot is what torch loaded: structure, and each tensor's view of the bytes torch read."""
+    if isinstance(recorded, pickled.TensorRecord):
+        storage, offset, size, stride = recorded.args[:4]
+        return (
+            isinstance(loaded, torch.Tensor)
+            and (tuple(loaded.shape), loaded.stride(), loaded.storage_offset()) == (size, stride, offset)
+            and loaded.element_size() == storage.storage_type.itemsize
+            and bytes(loaded.untyped_storage()) == storages[storage.key]
+        )
+    if isinstance(recorded, dict):
+        return (
+            type(loaded) is type(recorded)
+            and list(loaded) == list(recorded)
+            and getattr(recorded, "_metadata", None) == getattr(loaded, "_metadata", None)
+            and all(_same_as_torch(recorded[k], loaded[k], storages) for k in recorded)
+        )
+    if isinstance(recorded, (list, tuple)):
+        return (
+            type(loaded) is type(recorded)
+            and len(loaded) == len(recorded)
+            and all(_same_as_torch(a, b, storages) for a, b in zip(recorded, loaded, strict=True))
+        )
+    return type(loaded) is type(recorded) and (loaded == recorded or (loaded != loaded and recorded != recorded))
+
+
+@FUZZ
+@given(mutant=MUTANTS)
+def test_what_the_torch_free_reader_accepts_torch_loads_the_same(scratch: Path, mutant: bytes):
+    """The torch-free reader (``--check`` and ``append`` use it) is never more lenient than torch.load.
+
+    Whatever it accepts, ``torch.load(weights_only=True)`` loads too, memory-mapped (as this
+    tool reads) and not (as DeepLabCut reads), to the same structure, every tensor with the
+    shape, stride and offset recorded, over the bytes where the reader says its storage is.
+    """
+    path = scratch / "differential.pt"
+    path.write_bytes(mutant)
+    try:
+        recorded = read_recorded(path)
+    except (SnapshotReadError, pickled.NotRecordable):
+        return  # refused, or left to torch's own judgement
+    root = recorded.layout.records[0].name.split("/", 1)[0]
+    by_name = {r.name: r for r in recorded.layout.records}
+    keys = recorded.storage_order
+    spans = zipappend.data_spans(path, [by_name[f"{root}/data/{key}"] for key in keys])
+    storages = {key: mutant[start : start + length] for key, (start, length) in zip(keys, spans, strict=True)}
+    for mmap in (False, True):
+        with numpy_allowed():
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        assert _same_as_torch(recorded.snapshot, loaded, storages), f"mmap={mmap}"

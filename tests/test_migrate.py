@@ -194,20 +194,48 @@ def test_an_unreadable_manifest_stops_the_run_before_any_write(project: Path, sn
 def test_a_corrupted_write_is_caught_by_the_read_back_and_the_original_goes_back(
     project: Path, snapshots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ):
-    """A bit flipped in a tensor on its way to disk: the streamed read-back sees it (CRC or bytes)."""
+    """torch's rewrite (here with --trust): a bit flipped in a tensor on its way to disk is seen by the streamed
+    read-back (CRC or bytes), and the original goes back."""
     from dlc_snapshot_fix import store
 
     original = snapshots["dp"].read_bytes()
     real_commit = store.commit_temp
 
     def flip_a_tensor_byte(temp: Path, target: Path) -> None:
-        data = bytearray(temp.read_bytes())
-        data[data.index(b"data/0") + 200] ^= 0xFF  # inside the first storage's bytes
-        temp.write_bytes(bytes(data))
+        _flip_first_storage_byte(temp)
         real_commit(temp, target)
 
     monkeypatch.setattr(store, "commit_temp", flip_a_tensor_byte)
-    report = migrate_project(project, check_model=False)
+    report = migrate_project(project, check_model=False, trust=True)
     failed = {r.path.name: r for r in report.results if r.status == Status.FAILED}
     assert "snapshot-005.pt" in failed and "read-back differed" in failed["snapshot-005.pt"].reason
     assert snapshots["dp"].read_bytes() == original
+
+
+def _flip_first_storage_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[data.index(b"data/0") + 200] ^= 0xFF  # inside the first storage's bytes
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_copy_is_caught_before_it_replaces_the_original(
+    project: Path, snapshots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """The rewrite at copy speed: a bit flipped in the copied tensor bytes is seen before the swap (CRC)."""
+    from dlc_snapshot_fix import rezip
+
+    original = snapshots["dp"].read_bytes()
+    real_write = rezip.write
+
+    def write_then_flip(plan, source: Path, temp: Path, head: bytes, tail: bytes) -> None:
+        real_write(plan, source, temp, head, tail)
+        _flip_first_storage_byte(temp)
+
+    monkeypatch.setattr(rezip, "write", write_then_flip)
+    report = migrate_project(project, check_model=False)
+    failed = {r.path.name: r for r in report.results if r.status == Status.FAILED}
+    reason = failed["snapshot-005.pt"].reason
+    assert "did not read back as meant (the bytes of" in reason and "do not match its CRC" in reason, reason
+    assert "the snapshot is unchanged" in reason
+    assert snapshots["dp"].read_bytes() == original
+    assert not [p for p in snapshots["dp"].parent.iterdir() if p.name.startswith(".")]  # no temp file left

@@ -14,7 +14,7 @@ import pytest
 from conftest import TRAIN
 
 from dlc_snapshot_fix import load_snapshot, migrate_project, pickled, restore_project, zipappend
-from dlc_snapshot_fix.reading import NUMPY_SCALAR_GLOBALS, NUMPY_SCALAR_NAMES
+from dlc_snapshot_fix.reading import NUMPY_SCALAR_NAMES, numpy_scalar_globals
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = {"numpy 1.x": DATA / "rc5-metrics-numpy1.pt", "numpy 2.x": DATA / "rc5-metrics-numpy2.pt"}
@@ -35,7 +35,7 @@ def test_each_numpy_dialect_is_what_its_numpy_wrote_and_loads_here(dialect: str)
 
 def test_the_allow_list_names_only_what_this_numpy_has():
     """Built from names, each of which must resolve in every numpy of the matrix (this runtime is one)."""
-    for entry in NUMPY_SCALAR_GLOBALS:
+    for entry in numpy_scalar_globals():
         obj, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
         module, _, attribute = name.rpartition(".")
         if name in NUMPY_SCALAR_NAMES:  # matched by name: the object must be numpy's own scalar reconstructor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -9,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._weights_only_unpickler as weights_only
+from oddfiles import rezip
 
-from dlc_snapshot_fix import RefusedSnapshotError, SnapshotReadError, load_snapshot
+from dlc_snapshot_fix import RefusedSnapshotError, SnapshotReadError, load_snapshot, pickled
+from dlc_snapshot_fix.reading import read_recorded
 
 
 class RunsCode:
@@ -83,3 +87,55 @@ def test_something_other_than_a_dict_is_refused(tmp_path: Path):
     torch.save([torch.ones(1)], path)
     with pytest.raises(SnapshotReadError, match="holds a list"):
         load_snapshot(path)
+
+
+def _tiny_snapshot(path: Path) -> Path:
+    torch.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}, "metadata": {"epoch": 1, "losses": [0.5, 0.25]}}, path)
+    return path
+
+
+def test_the_torch_free_reader_reads_what_torch_reads(tmp_path: Path):
+    path = _tiny_snapshot(tmp_path / "snapshot-001.pt")
+    recorded = read_recorded(path)
+    weight = recorded.snapshot["model"]["w"]
+    assert isinstance(weight, pickled.TensorRecord) and weight.shape == (2, 3) and weight.storage.numel == 6
+    assert recorded.snapshot["metadata"] == torch.load(path, weights_only=True)["metadata"]
+
+
+def _local_header_signature_broken(path: Path) -> None:
+    with zipfile.ZipFile(path) as archive:
+        offset = next(m.header_offset for m in archive.infolist() if m.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 4] = b"PK\x00\x00"
+    path.write_bytes(bytes(data))
+
+
+def _storage_shorter_than_its_tensor(path: Path) -> None:
+    recorded = read_recorded(path)
+    storage = recorded.snapshot["model"]["w"].storage
+    storage.pid = (*storage.pid[:4], 5)  # 5 elements for a 2 x 3 tensor
+    rezip(io.BytesIO(path.read_bytes()), path, pickle=pickled.dumps(recorded.snapshot, recorded.storage_order))
+
+
+def _setitem_on_a_list(path: Path) -> None:
+    """``[0.5, 0.25]`` then ``SETITEM 0 := 9``: Python's unpickler does it, torch's weights-only one refuses."""
+    data = zipfile.ZipFile(path).read("snapshot-001/data.pkl")
+    losses = data.index(b"G?\xd0\x00\x00\x00\x00\x00\x00e")  # ... 0.25 APPENDS
+    patched = data[: losses + 10] + b"K\x00K\x09s" + data[losses + 10 :]
+    rezip(io.BytesIO(path.read_bytes()), path, pickle=patched)
+
+
+@pytest.mark.parametrize(
+    "damage", [_local_header_signature_broken, _storage_shorter_than_its_tensor, _setitem_on_a_list]
+)
+def test_what_torch_refuses_the_torch_free_reader_leaves_to_torch(tmp_path: Path, damage):
+    """Never more lenient than torch: a naive reader reads each of these; torch, as DeepLabCut calls it, refuses."""
+    path = _tiny_snapshot(tmp_path / "snapshot-001.pt")
+    damage(path)
+    with pytest.raises(pickled.NotRecordable):
+        read_recorded(path)
+    if damage is _setitem_on_a_list and not hasattr(weights_only.Unpickler, "_check_set_item_target"):
+        torch.load(path, map_location="cpu", weights_only=True)  # torch 2.6 (the oldest supported) reads it
+        return
+    with pytest.raises(Exception):  # noqa: B017 - torch's own words vary with the damage
+        torch.load(path, map_location="cpu", weights_only=True)

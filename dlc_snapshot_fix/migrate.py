@@ -212,7 +212,6 @@ class _Plan:
     make_pickle: Callable[[], bytes] | None = None
     """Makes the result's ``data.pkl`` where it is known without writing (a recorded pickle)."""
     layout: zipappend.ZipLayout | None = None
-    storage_order: list[str] | None = None
 
     @functools.cached_property
     def result_pickle(self) -> bytes | None:
@@ -270,7 +269,6 @@ def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write
         with contextlib.suppress(rezip.NotRezippable, OSError):
             plan.rezip = rezip.plan(snapshot_file.path, recorded.layout)
             plan.expected_records = plan.fixed
-            plan.storage_order = order
     return plan
 
 
@@ -455,7 +453,9 @@ def _check_rezipped(written: Path, plan: _Plan) -> None:
     assert plan.rezip is not None and plan.result_pickle is not None
     rezip.read_back(written, plan.rezip.layout, plan.result_pickle)
     reread = read_recorded(written, written_here=plan.result_pickle)
-    if reread.storage_order != plan.storage_order or not same_structure(plan.expected_records, reread.snapshot):
+    if reread.storage_order != _storage_order(plan.expected_records) or not same_structure(
+        plan.expected_records, reread.snapshot
+    ):
         raise rezip.ReadBackError("it does not read as the snapshot meant")
 
 
@@ -538,11 +538,16 @@ def _append_read_back(path: Path, layout: zipappend.ZipLayout, new_pickle: bytes
         reread = read_recorded(path, written_here=new_pickle)
     except Exception as error:  # whatever keeps the result from being proven truncates the append away
         return [f"the appended file does not read back: {type(error).__name__}: {error}"]
-    if reread.storage_order != list(dict.fromkeys(r.storage.key for r in records_in(expected))):
+    if reread.storage_order != _storage_order(expected):
         return ["storages are referenced in another order"]
     return (
         [] if same_structure(expected, reread.snapshot) else ["the new data.pkl does not parse to the snapshot meant"]
     )
+
+
+def _storage_order(expected: Any) -> list[str]:
+    """The storages of the snapshot meant, in the order its pickle first references them."""
+    return list(dict.fromkeys(r.storage.key for r in records_in(expected)))
 
 
 def _undo(entry: store.ManifestEntry, project: Path) -> None:

@@ -180,8 +180,7 @@ def read_member(path: Path, layout: ZipLayout, record: CentralRecord) -> bytes:
 
 def _read_member(path: Path, record: CentralRecord) -> bytes:
     fields = CENTRAL.unpack_from(record.raw)
-    extra = record.raw[CENTRAL.size + fields[10] : CENTRAL.size + fields[10] + fields[11]]
-    _, csize, _ = _zip64_values(fields, extra)
+    csize = record.size
     if fields[4] != 0:
         raise NotAppendable(f"{record.name} is compressed")
     with open(path, "rb") as stream:

@@ -1,13 +1,12 @@
 """Find every snapshot of a DeepLabCut project, reading its YAML files and nothing else.
 
-DeepLabCut's own ``read_config`` may write ``config.yaml`` back, so YAML is read here
-with PyYAML's safe loader, read-only. Shuffle folders are globbed rather than rebuilt
+DeepLabCut's own ``read_config`` may write ``config.yaml`` back, so YAML is read here,
+read-only, the way DeepLabCut's reader builds it (``dlcyaml``). Shuffle folders are globbed rather than rebuilt
 from ``TrainingFraction`` (``int(fraction * 100)`` truncation makes names surprising).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,30 +69,14 @@ class ProjectInventory:
     """Folders that hold snapshots (``train/`` and exported-model folders): where temp files may be left."""
 
 
-def fast_yaml_loader() -> Any:
-    """PyYAML's safe loader on libyaml's C parser, where PyYAML was built with it (a tenth of the time); else None."""
-    import yaml
-
-    return getattr(yaml, "CSafeLoader", None)
-
-
 def read_yaml(path: Path) -> Any:
-    """Read a YAML file read-only, turning parse errors into a message that names the file.
-
-    libyaml parses first where available; on an error the pure-Python loader reads the
-    file again, so what it accepts and the message it gives are the same as without libyaml.
-    PyYAML is imported here, not with the module: ``--help`` and ``plugin status`` read no YAML.
-    """
-    import yaml
+    """Read a YAML file read-only, as DeepLabCut reads it (``dlcyaml``); a refusal names the file."""
+    from dlc_snapshot_fix import dlcyaml
 
     try:
         with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-        if (loader := fast_yaml_loader()) is not None:
-            with contextlib.suppress(yaml.YAMLError):
-                return yaml.load(text, Loader=loader)
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
+            return dlcyaml.load(stream.read())
+    except dlcyaml.YamlError as error:
         raise ProjectError(f"{path}: not valid YAML ({error}). Fix or restore this file.") from error
     except (OSError, UnicodeDecodeError) as error:
         raise ProjectError(f"{path}: cannot be read ({error}).") from error

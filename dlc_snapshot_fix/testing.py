@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from dlc_snapshot_fix import verify
+from dlc_snapshot_fix.discover import read_yaml
 from dlc_snapshot_fix.reading import load_snapshot
 
 
 def build_pose_model(pytorch_config: Path) -> torch.nn.Module:
     """Build the pose model a ``pytorch_config.yaml`` describes, as DeepLabCut's inference does."""
-    config = yaml.safe_load(Path(pytorch_config).read_text(encoding="utf-8"))
+    config = read_yaml(Path(pytorch_config))
     return verify.build_pose_model(config["model"])
 
 

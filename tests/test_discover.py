@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -127,29 +126,11 @@ def test_malformed_pytorch_config_falls_back_to_default_names(tree: Path):
     assert any(s.path.name == "snapshot-010.pt" and s.pytorch_config is None for s in inventory.snapshots)
 
 
-def _yaml_files() -> list[Path]:
-    """Every YAML file at hand: the sample project's, and DeepLabCut's own model configs where it is installed."""
-    files = sorted(Path(__file__).parents[1].joinpath("sample_project").rglob("*.yaml"))
-    spec = importlib.util.find_spec("deeplabcut")
-    if spec is not None and spec.origin:
-        files += sorted(Path(spec.origin).parent.rglob("*.yaml"))
-    return files
-
-
-@pytest.mark.skipif(discover.fast_yaml_loader() is None, reason="PyYAML without libyaml here: only one loader")
-def test_libyaml_reads_every_yaml_file_as_the_pure_python_loader_does():
-    files = _yaml_files()
-    assert len(files) >= 4
-    for path in files:
-        text = path.read_text(encoding="utf-8")
-        assert yaml.load(text, Loader=discover.fast_yaml_loader()) == yaml.safe_load(text), path
-
-
-def test_a_malformed_yaml_file_gets_the_pure_python_loaders_message_naming_the_file(tmp_path: Path):
-    """libyaml's error is not the answer: the pure-Python loader reads the file again, as before libyaml."""
+def test_a_malformed_yaml_file_gets_deeplabcuts_readers_message_naming_the_file(tmp_path: Path):
+    """libyaml's error is not the answer: DeepLabCut's reader (ruamel.yaml) reads the file again and says why."""
     path = tmp_path / "odd.yaml"
     path.write_text("a: 1\nb: [1, 2\n", encoding="utf-8")
     with pytest.raises(ProjectError) as refused:
         discover.read_yaml(path)
     assert str(refused.value).startswith(f"{path}: not valid YAML")
-    assert "expected ',' or ']', but got '<stream end>'" in str(refused.value)  # PyYAML's words, not libyaml's
+    assert "expected ',' or ']', but got '<stream end>'" in str(refused.value)  # ruamel's words, not libyaml's

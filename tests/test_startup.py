@@ -7,13 +7,14 @@ or DeepLabCut, nor this package's heavy modules.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
+from conftest import SAMPLE, TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import autoload, load_snapshot, transforms
 from dlc_snapshot_fix.verify import compare_snapshots
@@ -89,8 +90,11 @@ def test_check_and_migration_run_without_torch(tmp_path: Path, scope: str, metho
     """None builds a tensor, so none pays for torch (seconds, ~600 MB) or numpy; the work is still done.
 
     ``append`` writes a new data.pkl at the end; ``rewrite`` copies every other record byte for byte.
+    The YAML files are DeepLabCut's own (``lr: 1e-05`` and all): read at libyaml's speed, no ruamel.
     """
     project = make_project(tmp_path / "lab" / "p")
+    shutil.copy(SAMPLE / "config.yaml", project / "config.yaml")
+    shutil.copy(next(SAMPLE.glob("dlc-models-pytorch/*/*/train/pytorch_config.yaml")), project / TRAIN)
     state = wrapped_state_dict(TinyPose(), "dp")
     snapshots = [save_snapshot(project / TRAIN / f"snapshot-00{i}.pt", state, metadata={"epoch": i}) for i in (1, 2)]
     expected = [transforms.strip_wrapper_prefixes(load_snapshot(s))[0] for s in snapshots]
@@ -102,6 +106,6 @@ def test_check_and_migration_run_without_torch(tmp_path: Path, scope: str, metho
     ):
         loaded = _run_cli(args, code)
         assert "dlc_snapshot_fix.migrate" in loaded, args
-        assert "torch" not in loaded and "numpy" not in loaded, args
+        assert "torch" not in loaded and "numpy" not in loaded and "ruamel" not in loaded, args
     for path, meant in zip(snapshots, expected, strict=True):
         assert compare_snapshots(meant, torch.load(path, weights_only=True)) == []

@@ -16,7 +16,7 @@ import deeplabcut
 import numpy as np
 import pytest
 import torch
-from conftest import TRAIN, train_dir_of
+from conftest import SAMPLE, TRAIN, train_dir_of
 from deeplabcut.pose_estimation_pytorch.runners.base import attempt_snapshot_load
 
 from dlc_snapshot_fix import load_snapshot
@@ -141,3 +141,33 @@ def test_what_discovery_says_of_names_is_how_deeplabcut_lists_them(project: Path
     assert [f.path.name for f in inventory.snapshots if f.legacy_best] == ["snapshot-best.pt"]
     assert "snapshot-best.pt" not in listed  # "current DeepLabCut ignores it"
     assert temp.name not in listed  # this tool's temp files are never picked up
+
+
+def test_discovery_reads_pytorch_config_as_deeplabcut_reads_it(project: Path):
+    """YAML 1.2, as DeepLabCut's ``read_config_as_dict``: ``snapshot_prefix: no`` is the prefix "no" (PyYAML: False).
+
+    DeepLabCut's trainer takes that value as it reads it and saves ``no-010.pt``; a config with a
+    duplicated key is one DeepLabCut cannot read at all, which the tool reports as a problem.
+    """
+    from deeplabcut.pose_estimation_pytorch.config import read_config_as_dict
+
+    from dlc_snapshot_fix import discover_project
+
+    train = project / TRAIN
+    sample_config = next(SAMPLE.glob("dlc-models-pytorch/*/*/train/pytorch_config.yaml")).read_text(encoding="utf-8")
+    config = train / "pytorch_config.yaml"
+    assert "\n  snapshot_prefix:\n" in sample_config  # DeepLabCut writes it empty: its default prefix
+    config.write_text(sample_config.replace("\n  snapshot_prefix:\n", "\n  snapshot_prefix: no\n"), encoding="utf-8")
+    prefix = read_config_as_dict(config)["runner"]["snapshot_prefix"]
+    assert prefix == "no"
+    torch.save({"model": {}}, train / f"{prefix}-010.pt")
+
+    inventory = discover_project(project)
+    assert [(f.path.name, f.role, f.prefix) for f in inventory.snapshots] == [("no-010.pt", "pose", "no")]
+    assert not inventory.problems
+
+    config.write_text(sample_config + "runner: {}\n", encoding="utf-8")  # a second top-level "runner"
+    with pytest.raises(Exception, match="duplicate key"):
+        read_config_as_dict(config)
+    problems = discover_project(project).problems
+    assert len(problems) == 1 and str(config) in problems[0] and "duplicate key" in problems[0]

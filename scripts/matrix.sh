@@ -16,7 +16,7 @@ TOOL_DEPS="pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60"
 DLC_TESTS="tests/test_verdicts.py tests/test_plugin.py tests/test_numpy_dialects.py
   tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it
   tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module
-  tests/test_migrate.py tests/test_reading.py tests/test_keys.py tests/test_append.py tests/test_startup.py"
+  tests/test_migrate.py tests/test_reading.py tests/test_keys.py tests/test_append.py tests/test_startup.py tests/test_dlcyaml.py"
 TORCH_TESTS="-m not\ deeplabcut\ and\ not\ slurm"  # SLURM runs in the main cell
 
 declare -A INSTALL=(

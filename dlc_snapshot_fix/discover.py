@@ -143,13 +143,18 @@ def model_roots(project: Path, folder_name: str) -> list[Path]:
 def _snapshot_prefixes(model_config: dict[str, Any]) -> tuple[set[str], set[str]]:
     """Pose and detector prefixes to look for: DeepLabCut's defaults plus any custom ones."""
     pose, detector = {names.POSE_PREFIX}, {names.DETECTOR_PREFIX}
-    custom = (model_config.get("runner") or {}).get("snapshot_prefix")
-    if custom:
-        pose.add(str(custom))
-    custom = ((model_config.get("detector") or {}).get("runner") or {}).get("snapshot_prefix")
-    if custom:
-        detector.add(str(custom))
+    custom = _section(_section(model_config, "runner"), "snapshot_prefix")
+    if isinstance(custom, str) and custom:  # DeepLabCut's trainer falls back to its default for None or ""
+        pose.add(custom)
+    custom = _section(_section(_section(model_config, "detector"), "runner"), "snapshot_prefix")
+    if isinstance(custom, str) and custom:
+        detector.add(custom)
     return pose, detector
+
+
+def _section(config: Any, key: str) -> Any:
+    """``config[key]`` where ``config`` is a mapping, else None: a hand-edited config may hold anything."""
+    return config.get(key) if isinstance(config, dict) else None
 
 
 def _discover_train_dir(train_dir: Path, inventory: ProjectInventory) -> None:

@@ -91,8 +91,8 @@ def load(text: str) -> Any:
         try:
             _require_plain_syntax(text, loader)
             return yaml.load(text, Loader=loader)
-        except (_Ambiguous, yaml.YAMLError, RecursionError):
-            pass  # ruamel decides, with its own words
+        except Exception:  # _Ambiguous, a YAMLError, or anything odd (a 5,000-digit int): ruamel decides
+            pass
     return _load_as_deeplabcut(text)
 
 

@@ -134,3 +134,11 @@ def test_a_malformed_yaml_file_gets_deeplabcuts_readers_message_naming_the_file(
         discover.read_yaml(path)
     assert str(refused.value).startswith(f"{path}: not valid YAML")
     assert "expected ',' or ']', but got '<stream end>'" in str(refused.value)  # ruamel's words, not libyaml's
+
+
+@pytest.mark.parametrize("runner", ["a string", ["a", "list"], 7, {"snapshot_prefix": ["odd"]}])
+def test_a_pytorch_config_of_odd_shape_never_stops_discovery(tree: Path, runner):
+    config = tree / "dlc-models-pytorch/iteration-0/tNov22-trainset95shuffle1/train/pytorch_config.yaml"
+    write_yaml(config, {"runner": runner, "detector": runner})
+    inventory = discover_project(tree)
+    assert any(s.path.name == "snapshot-010.pt" for s in inventory.snapshots)

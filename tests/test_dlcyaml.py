@@ -129,6 +129,7 @@ def test_any_mapping_of_quoted_scalars_reads_as_ruamel_reads_it(pairs: list[tupl
     [
         ("a: 1\nb: [1, 2\n", "expected ',' or ']', but got '<stream end>'"),
         ("a: 1\na: 2\n", 'found duplicate key "a"'),
+        ("a: " + "9" * 5000 + "\n", "Exceeds the limit"),  # Python's int() refuses it, in either reader
     ],
 )
 def test_a_refusal_is_deeplabcuts_readers_own_words(text: str, words: str):

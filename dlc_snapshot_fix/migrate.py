@@ -80,7 +80,9 @@ def migrate_project(
         writer = _ProjectWriter(inventory, report, cleanup) if write else None
         if writer is not None and store.stale_temps(writer.temp_folders()):
             writer.manifest()  # an interrupted run left debris: take the lock and clean it up
-        for snapshot_file in inventory.snapshots:
+        for index, snapshot_file in enumerate(inventory.snapshots):
+            if writer is not None:
+                writer.upcoming = inventory.snapshots[index + 1].path if index + 1 < len(inventory.snapshots) else None
             _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, options), on_result)
         if writer is not None:
             writer.finish()
@@ -98,6 +100,19 @@ class _ProjectWriter:
         self.report = report
         self._cleanup = cleanup
         self._manifest: store.Manifest | None = None
+        self._hashes: store.HashAhead | None = None
+        self.upcoming: Path | None = None
+        """The snapshot after the one in hand: hashed ahead once a rewrite begins (the next likely needs one too)."""
+
+    def sha256_before_rewrite(self, path: Path) -> str:
+        """``path``'s sha256 (hashed ahead where it was); then the next snapshot's hashing begins."""
+        if self._hashes is None:
+            self._hashes = store.HashAhead()
+            self._cleanup.callback(self._hashes.close)
+        digest = self._hashes.sha256_of(path)
+        if self.upcoming is not None:
+            self._hashes.start(self.upcoming)
+        return digest
 
     def manifest(self) -> store.Manifest:
         if self._manifest is None:
@@ -219,12 +234,6 @@ class _Plan:
         return self.make_pickle() if self.make_pickle is not None else None
 
 
-def _identity(path: Path) -> tuple[int, int, int]:
-    """Inode, size and mtime: a replace, an append or an in-place write all change it."""
-    stat = path.stat()
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
 def _plan(snapshot_file: SnapshotFile, options: MigrationOptions, write: bool) -> _Plan:
     """Read and transform (pure after the read), asking torch only where the work needs it.
 
@@ -340,12 +349,12 @@ def _migrate_fenced(
     """read → transform → (back up, write, read back) → ask DeepLabCut; errors the steps expect become reasons."""
     path = snapshot_file.path
     try:
-        seen = _identity(path)
+        seen = store.file_identity(path)
         result.size = path.stat().st_size
         plan = _plan(snapshot_file, options, write=writer is not None)
         if plan.changes and writer is not None:
             manifest = writer.manifest()
-            if _identity(path) != seen:  # another run rewrote it before we held the lock: look again
+            if store.file_identity(path) != seen:  # another run rewrote it before we held the lock: look again
                 plan = _plan(snapshot_file, options, write=True)
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
         result.status = Status.FAILED
@@ -364,7 +373,7 @@ def _migrate_fenced(
             if plan.append is not None:
                 _append(result, project, manifest, plan, options.hash_files)
             else:
-                _rewrite(result, project, manifest, plan, options.trust)
+                _rewrite(result, writer, plan, options.trust)
     if result.status == Status.FAILED or snapshot_file.role == "exported":
         return
     for entry in entries:  # DeepLabCut's verdict on the file as it is now (or, for a check, as it will be)
@@ -392,12 +401,14 @@ def _planned_tail(plan: _Plan) -> bytes | None:
     return body + end
 
 
-def _rewrite(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, trust: bool) -> None:
+def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust: bool) -> None:
     """Backup, atomic write, read-back; on a read-back difference the original goes back."""
     path, destination = result.path, plan.destination
+    project, manifest = writer.inventory.project, writer.manifest()
     try:
         store.ensure_writable(path.parent)
-        result.sha256_before = result.sha256_before or store.sha256_of(path)  # (--backup-dir hashed it already)
+        # (--backup-dir hashed it already)
+        result.sha256_before = result.sha256_before or writer.sha256_before_rewrite(path)
         backup = names.backup_path(project, path, result.sha256_before)
         method = store.keep_original(path, backup, result.sha256_before)
         renamed_from = path if destination != path else None
@@ -625,7 +636,7 @@ def _describe(error: Exception) -> str:
 
 def _identity_or_none(path: Path) -> tuple[int, int, int] | None:
     try:
-        return _identity(path)
+        return store.file_identity(path)
     except OSError:
         return None
 

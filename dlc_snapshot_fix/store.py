@@ -47,6 +47,47 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+class HashAhead:
+    """The sha256 of the next original to rewrite, read and hashed in a second thread.
+
+    A rewrite waits on the disk twice: reading the original (cold) and writing the new file
+    (``fsync``). Hashed ahead, the next original is read while the current file is written.
+    A hash is used only if the file's identity (inode, size, mtime) is what it was when the
+    hashing started; otherwise, or on any error, the file is hashed again where it is asked for.
+    """
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dlc-snapshot-fix-hash")
+        self._pending: dict[Path, tuple[tuple[int, int, int], concurrent.futures.Future[str]]] = {}
+
+    def start(self, path: Path) -> concurrent.futures.Future[str] | None:
+        """Begin hashing ``path`` (a snapshot about to be rewritten, as far as one can tell); the hashing's future."""
+        if path not in self._pending:
+            with contextlib.suppress(OSError):
+                self._pending[path] = (file_identity(path), self._pool.submit(sha256_of, path))
+        return self._pending[path][1] if path in self._pending else None
+
+    def sha256_of(self, path: Path) -> str:
+        """``path``'s sha256: the one hashed ahead if the file is unchanged since, else hashed now."""
+        identity, future = self._pending.pop(path, (None, None))
+        if future is not None:
+            with contextlib.suppress(OSError):
+                digest = future.result()
+                if file_identity(path) == identity:
+                    return digest
+        return sha256_of(path)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+
+def file_identity(path: Path) -> tuple[int, int, int]:
+    """Inode, size and mtime: a replace, an append or an in-place write all change it."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 END_WINDOW = 64 * 1024
 
 

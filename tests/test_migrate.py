@@ -239,3 +239,29 @@ def test_a_corrupted_copy_is_caught_before_it_replaces_the_original(
     assert "the snapshot is unchanged" in reason
     assert snapshots["dp"].read_bytes() == original
     assert not [p for p in snapshots["dp"].parent.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_hash_taken_ahead_is_used_only_for_the_file_as_it_was_hashed(tmp_path: Path):
+    """The rewrite hashes the next original in a second thread; a file changed since is hashed again."""
+    import hashlib
+
+    from dlc_snapshot_fix import store
+
+    same, changed, vanished = (tmp_path / name for name in ("same.pt", "changed.pt", "vanished.pt"))
+    for path in (same, changed, vanished):
+        path.write_bytes(b"original " * 100_000)
+    ahead = store.HashAhead()
+    try:
+        hashing = [ahead.start(path) for path in (same, changed, vanished)]
+        assert ahead.start(tmp_path / "never-there.pt") is None  # asked for, it fails as a plain hash would
+        assert all(future.result() for future in hashing)  # hashed before the changes below
+        changed.write_bytes(b"changed! " * 100_000)  # same size, another mtime
+        vanished.unlink()
+        assert ahead.sha256_of(same) == hashlib.sha256(same.read_bytes()).hexdigest()
+        assert ahead.sha256_of(changed) == hashlib.sha256(changed.read_bytes()).hexdigest()
+        with pytest.raises(FileNotFoundError):
+            ahead.sha256_of(vanished)
+        with pytest.raises(FileNotFoundError):
+            ahead.sha256_of(tmp_path / "never-there.pt")
+    finally:
+        ahead.close()

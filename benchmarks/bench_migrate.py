@@ -79,20 +79,21 @@ print(json.dumps({"seconds": seconds, "written": written, "peak_minus_torch": pe
 
 
 def project_skeleton(project: Path) -> Path:
-    """A project's config files (no model section: nothing is built), once."""
-    import yaml
-
+    """A project's config files, once: sample_project's, as DeepLabCut wrote them (reading them is a cost too)."""
     if not (project / "config.yaml").exists():
         (project / TRAIN).mkdir(parents=True)
-        (project / "config.yaml").write_text(yaml.safe_dump({"Task": "bench"}))
-        (project / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu"}))
+        sample = REPO / "sample_project"
+        shutil.copyfile(sample / "config.yaml", project / "config.yaml")
+        shutil.copyfile(
+            next(sample.glob("dlc-models-pytorch/*/*/train/pytorch_config.yaml")),
+            project / TRAIN / "pytorch_config.yaml",
+        )
     return project
 
 
 def make_template(root: Path, count: int, big_gb: float, per_project: int = 4) -> int:
     """``count`` ResNet-50 snapshots, ``per_project`` to a project (and one of ``big_gb`` GB); the snapshot size."""
     import torch
-    import yaml
 
     from dlc_snapshot_fix.testing import build_pose_model
 
@@ -108,10 +109,7 @@ def make_template(root: Path, count: int, big_gb: float, per_project: int = 4) -
         else:
             shutil.copyfile(first, target)
     if big_gb:
-        project = root / "project-big"
-        (project / TRAIN).mkdir(parents=True)
-        (project / "config.yaml").write_text(yaml.safe_dump({"Task": "bench"}))
-        (project / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu"}))
+        project = project_skeleton(root / "project-big")
         big = dict(state)
         floats = int(big_gb * 2**30 / 4 / 16)
         for j in range(16):

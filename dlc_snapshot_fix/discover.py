@@ -1,8 +1,9 @@
 """Find every snapshot of a DeepLabCut project, reading its YAML files and nothing else.
 
 DeepLabCut's own ``read_config`` may write ``config.yaml`` back, so YAML is read here,
-read-only, the way DeepLabCut's reader builds it (``dlcyaml``). Shuffle folders are globbed rather than rebuilt
-from ``TrainingFraction`` (``int(fraction * 100)`` truncation makes names surprising).
+read-only, the way DeepLabCut's reader builds it (``dlcyaml``). Shuffle folders are
+globbed rather than rebuilt from ``TrainingFraction`` (``int(fraction * 100)``
+truncation makes names surprising).
 """
 
 from __future__ import annotations

@@ -407,8 +407,7 @@ def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust:
     project, manifest = writer.inventory.project, writer.manifest()
     try:
         store.ensure_writable(path.parent)
-        # (--backup-dir hashed it already)
-        result.sha256_before = result.sha256_before or writer.sha256_before_rewrite(path)
+        result.sha256_before = result.sha256_before or writer.sha256_before_rewrite(path)  # (--backup-dir: hashed)
         backup = names.backup_path(project, path, result.sha256_before)
         method = store.keep_original(path, backup, result.sha256_before)
         renamed_from = path if destination != path else None

@@ -145,9 +145,10 @@ def load_snapshot(path: Path, *, trust: bool = False) -> dict[str, Any]:
 
     path = Path(path)
     is_zip = check_within_bounds(path)
+    mmap = is_zip and _every_local_header_as_miniz_reads_it(path)  # else torch reads it as DeepLabCut does
     try:
         with numpy_allowed():
-            loaded = torch.load(path, map_location="cpu", weights_only=not trust, mmap=is_zip)
+            loaded = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         if unsafe:
@@ -166,6 +167,33 @@ def load_snapshot(path: Path, *, trust: bool = False) -> dict[str, Any]:
             "leave this file alone or move it out of the model folder",
         )
     return loaded
+
+
+def _every_local_header_as_miniz_reads_it(path: Path) -> bool:
+    """Whether torch's usual reader (not memory-mapped, the one DeepLabCut's loader uses) finds every member.
+
+    That reader (miniz) refuses a member whose local header lacks its signature or whose
+    bytes run past the end of the file; the memory-mapped reader does not look, so it loads
+    files DeepLabCut cannot. Where this cannot tell, the answer is no, and torch reads the
+    file without a memory map: exactly as DeepLabCut does, at the cost of memory.
+    """
+    from dlc_snapshot_fix import zipappend
+
+    try:
+        layout = zipappend.read_layout(path)
+        size = path.stat().st_size
+        with open(path, "rb") as stream:
+            for record in layout.records:
+                header = os.pread(stream.fileno(), zipappend.LOCAL.size, record.header_offset)
+                if len(header) < zipappend.LOCAL.size:
+                    return False
+                local = zipappend.LOCAL.unpack(header)
+                data_start = record.header_offset + zipappend.LOCAL.size + local[9] + local[10]
+                if local[0] != zipappend.LOCAL_SIG or data_start + record.size > size:
+                    return False
+    except Exception:  # a layout this module's reader does not take: torch's own reader decides
+        return False
+    return True
 
 
 def is_zip_snapshot(path: Path) -> bool:

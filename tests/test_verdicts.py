@@ -171,3 +171,32 @@ def test_discovery_reads_pytorch_config_as_deeplabcut_reads_it(project: Path):
         read_config_as_dict(config)
     problems = discover_project(project).problems
     assert len(problems) == 1 and str(config) in problems[0] and "duplicate key" in problems[0]
+
+
+@pytest.mark.parametrize("method", ["rewrite", "append"])
+def test_a_record_whose_local_header_is_broken_is_refused_as_deeplabcut_refuses_it(project: Path, method: str):
+    """torch's memory-mapped reader skips the local headers; DeepLabCut's loader (miniz) does not."""
+    import zipfile
+
+    from conftest import TinyPose, save_snapshot, wrapped_state_dict
+
+    train = project / TRAIN
+    files = [
+        save_snapshot(train / "snapshot-001.pt", TinyPose().state_dict()),
+        save_snapshot(train / "snapshot-002.pt", wrapped_state_dict(TinyPose(), "dp")),
+    ]
+    for path in files:
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as archive:
+            record = next(info for info in archive.infolist() if "/data/" in info.filename)
+        assert data[record.header_offset : record.header_offset + 4] == b"PK\x03\x04"
+        data[record.header_offset + 3] = 0x05  # one byte of one tensor record's local header signature
+        path.write_bytes(bytes(data))
+        assert not deeplabcut_reads(path)
+    before = states(train)
+    for args in (["--check"], ["--method", method]):
+        done = cli(project, "--no-model-check", *args)
+        assert done.returncode == 3, done.stdout
+        assert done.stdout.count("failed") >= 2 and "invalid header or archive is corrupted" in done.stdout
+        assert "already clean" not in done.stdout
+    assert states(train) == before

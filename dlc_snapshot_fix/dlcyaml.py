@@ -99,7 +99,7 @@ def load(text: str) -> Any:
 def _require_plain_syntax(text: str, loader: Any) -> None:
     """Refuse what libyaml's and ruamel's scanners read differently (each case found by a fuzzer).
 
-    Anchors, aliases, tags, directives, block scalars; a ``:`` followed by no space inside
+    Anchors, aliases, tags, directives, block scalars, ``?`` keys; a ``:`` followed by no space inside
     ``[...]``/``{...}``; tabs and the line breaks YAML 1.1 has beyond ``\\n`` and ``\\r``.
     """
     import yaml
@@ -116,6 +116,8 @@ def _require_plain_syntax(text: str, loader: Any) -> None:
             raise _Ambiguous(type(token).__name__)
         elif isinstance(token, yaml.ScalarToken) and token.style in ("|", ">"):
             raise _Ambiguous("block scalar")
+        elif isinstance(token, yaml.KeyToken) and text[token.start_mark.index : token.start_mark.index + 1] == "?":
+            raise _Ambiguous("explicit key")
         elif (
             isinstance(token, yaml.ValueToken)
             and flow_level

@@ -212,6 +212,12 @@ def states(paths: list[Path]) -> dict[Path, tuple[str, int]]:
     return result
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT's default, whatever this test run inherited: a shell starts background jobs with SIGINT ignored,
+    and Python (rightly) leaves an ignored SIGINT ignored, so the run would never see the Ctrl-C sent below."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path, how: str):
     root = tmp_path / "archive"
@@ -224,6 +230,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     done = 0
     while done < 3:  # let a few projects finish, then interrupt

@@ -110,6 +110,7 @@ def test_any_block_mapping_of_odd_scalars_reads_as_ruamel_reads_it(values: list[
 @given(values=st.lists(st.one_of(scalars, quoted), min_size=1, max_size=6))
 @example(values=['"eA{":ba_c"'])  # a ':' right after a quoted scalar in a flow collection
 @example(values=["'N0' :N1AU'"])
+@example(values=["u", "?", "", ""])  # an explicit-key indicator
 def test_any_flow_sequence_of_odd_scalars_reads_as_ruamel_reads_it(values: list[str]):
     text = "v: [" + ", ".join(values) + "]\n"
     assert outcome(dlcyaml.load, text) == outcome(deeplabcuts_reader, text)

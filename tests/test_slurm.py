@@ -206,7 +206,10 @@ def test_a_requeued_task_resumes_and_the_merge_waits_for_it(slurm: SlurmCluster,
     while slurm.job_states(f"{array}_1")[f"{array}_1"][0] != "PENDING":  # the task has stopped
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    slurm.run("scontrol", "update", f"JobId={array}_1", "StartTime=now")  # not SLURM's 2-minute requeue delay
+    # not SLURM's 2-minute requeue delay, but not within the second of the requeue either: slurmd revokes the
+    # old launch credential by the second, and a relaunch in that same second is killed ("Job credential revoked")
+    time.sleep(1.5)
+    slurm.run("scontrol", "update", f"JobId={array}_1", "StartTime=now")
     assert slurm.wait(array, timeout=240) == {f"{array}_1": ("COMPLETED", "0:0")}, log.read_text()
     assert slurm.wait(merge, timeout=120) == {merge: ("COMPLETED", "0:0")}
     first, second = [line for line in log.read_text().splitlines() if line.startswith("archive ")]

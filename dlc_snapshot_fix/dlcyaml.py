@@ -10,8 +10,8 @@ ruamel's pure-Python reader costs ~20 ms per ``pytorch_config.yaml``; libyaml ~2
 libyaml parses, with ruamel's YAML 1.2 resolution rules, and builds only what both would
 build the same way (strings, ``true``/``false``, ``null``, plain decimal integers, floats
 without ``_``). Anything else (octal, ``_`` separators, ``.inf``, timestamps, merge keys,
-duplicate keys, tags, anchors, block scalars, directives, a tab anywhere, a parse error) makes ruamel itself read the
-file: its value, or its error, is the answer. Without ruamel (no DeepLabCut here to judge)
+duplicate keys, tags, anchors, block scalars, directives, a tab anywhere, a parse error)
+makes ruamel itself read the file: its value, or its error, is the answer. Without ruamel (no DeepLabCut here to judge)
 PyYAML's safe loader answers.
 """
 

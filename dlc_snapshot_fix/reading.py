@@ -174,26 +174,18 @@ def _every_local_header_as_miniz_reads_it(path: Path) -> bool:
 
     That reader (miniz) refuses a member whose local header lacks its signature or whose
     bytes run past the end of the file; the memory-mapped reader does not look, so it loads
-    files DeepLabCut cannot. Where this cannot tell, the answer is no, and torch reads the
+    files DeepLabCut cannot. The append's own local-header walk (``zipappend.data_spans``,
+    stricter still) answers; where it cannot tell, the answer is no, and torch reads the
     file without a memory map: exactly as DeepLabCut does, at the cost of memory.
     """
     from dlc_snapshot_fix import zipappend
 
     try:
-        layout = zipappend.read_layout(path)
+        spans = zipappend.data_spans(path, zipappend.read_layout(path).records)
         size = path.stat().st_size
-        with open(path, "rb") as stream:
-            for record in layout.records:
-                header = os.pread(stream.fileno(), zipappend.LOCAL.size, record.header_offset)
-                if len(header) < zipappend.LOCAL.size:
-                    return False
-                local = zipappend.LOCAL.unpack(header)
-                data_start = record.header_offset + zipappend.LOCAL.size + local[9] + local[10]
-                if local[0] != zipappend.LOCAL_SIG or data_start + record.size > size:
-                    return False
-    except Exception:  # a layout this module's reader does not take: torch's own reader decides
+    except Exception:  # a layout or header the append's reader does not take: torch's own reader decides
         return False
-    return True
+    return all(start + length <= size for start, length in spans)
 
 
 def is_zip_snapshot(path: Path) -> bool:

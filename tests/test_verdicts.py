@@ -10,13 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import deeplabcut
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, TRAIN, train_dir_of
+from conftest import SAMPLE, TRAIN, TinyPose, save_snapshot, train_dir_of, wrapped_state_dict
 from deeplabcut.pose_estimation_pytorch.runners.base import attempt_snapshot_load
 
 from dlc_snapshot_fix import load_snapshot
@@ -176,10 +177,6 @@ def test_discovery_reads_pytorch_config_as_deeplabcut_reads_it(project: Path):
 @pytest.mark.parametrize("method", ["rewrite", "append"])
 def test_a_record_whose_local_header_is_broken_is_refused_as_deeplabcut_refuses_it(project: Path, method: str):
     """torch's memory-mapped reader skips the local headers; DeepLabCut's loader (miniz) does not."""
-    import zipfile
-
-    from conftest import TinyPose, save_snapshot, wrapped_state_dict
-
     train = project / TRAIN
     files = [
         save_snapshot(train / "snapshot-001.pt", TinyPose().state_dict()),

@@ -17,7 +17,7 @@ import torch
 from dlc_snapshot_fix import pickled, transforms, zipappend
 from dlc_snapshot_fix.discover import ProjectError, SnapshotFile, discover_project, read_yaml
 from dlc_snapshot_fix.reading import SnapshotReadError, load_snapshot
-from dlc_snapshot_fix.verify import ModelCheck, ModelChecker, judge_numpy_metadata
+from dlc_snapshot_fix.verify import ModelCheck, ModelChecker, judge_numpy_values
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +213,8 @@ def _diagnose(
     # DeepLabCut's loader reads the file as it is; the state dict checked is the one without the prefix
     source = snapshot_file.path if snapshot_file.role != "exported" else None
     diagnosis.model_check = checker.check(snapshot_file, fixed, entry, against=against, source=source)
-    hint, note = judge_numpy_metadata(
-        transforms.numpy_metadata_types(snapshot), [diagnosis.model_check], _numpy_dialect_of(snapshot_file.path)
+    hint, note = judge_numpy_values(
+        transforms.numpy_values(snapshot), [diagnosis.model_check], _numpy_dialect_of(snapshot_file.path)
     )
     diagnosis.hints += [hint] if hint else []
     diagnosis.notes += [note] if note else []

@@ -215,8 +215,8 @@ class _Plan:
     stripped: list[transforms.StrippedEntry]
     changes: list[str]
     destination: Path
-    numpy_types: list[str]
-    """numpy scalar types left in ``metadata`` (one per scalar): whether DeepLabCut reads them is its call."""
+    numpy_found: dict[str, list[str]]
+    """numpy values left in the snapshot, by top-level entry: whether DeepLabCut reads them is its call."""
     append: zipappend.ZipLayout | None = None
     """For the fast path: the original's layout (the new ``data.pkl`` is :attr:`result_pickle`); ``None`` for a
     full rewrite."""
@@ -291,11 +291,11 @@ def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOpt
         )
     fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
     changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
-    numpy_types = transforms.numpy_metadata_types(fixed)
-    if numpy_types and options.fix_metadata:
+    numpy_found = transforms.numpy_values(fixed)
+    if "metadata" in numpy_found and options.fix_metadata:
         fixed, count = transforms.numpy_metadata_to_python(fixed)
         changes.append(f"{count} numpy scalar(s) in 'metadata' made plain numbers")
-        numpy_types = []
+        numpy_found = transforms.numpy_values(fixed)
     destination = snapshot_file.path
     if options.rename_legacy_best and snapshot_file.legacy_best:
         epoch = transforms.epoch_of(fixed)
@@ -307,7 +307,7 @@ def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOpt
         if destination.exists():
             raise transforms.SnapshotFormatError(f"cannot rename: {destination.name} exists already")
         changes.append(f"renamed to {destination.name} (DeepLabCut's scorer name for it changes)")
-    return _Plan(fixed, stripped, changes, destination, numpy_types)
+    return _Plan(fixed, stripped, changes, destination, numpy_found)
 
 
 def _migrate_one(
@@ -384,8 +384,8 @@ def _migrate_fenced(
             result.model_checks[entry] = checker.check(snapshot_file, None, entry, source=opener)
         else:  # a pickle only a full load reads: DeepLabCut reads the file as it is, the keys are the planned ones
             result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry, source=path)
-    dialect = pickled.numpy_dialect(plan.result_pickle) if plan.numpy_types and plan.result_pickle else None
-    hint, note = verify.judge_numpy_metadata(plan.numpy_types, result.model_checks.values(), dialect)
+    dialect = pickled.numpy_dialect(plan.result_pickle) if plan.numpy_found and plan.result_pickle else None
+    hint, note = verify.judge_numpy_values(plan.numpy_found, result.model_checks.values(), dialect)
     result.hints += [hint] if hint else []
     result.notes += [note] if note else []
 

@@ -217,6 +217,9 @@ def _precheck(path: Path) -> None:
 
 MAX_MEMBERS = 20_000
 """torch writes one zip member per storage plus three; a DeepLabCut snapshot with optimizer state has a few thousand."""
+MINIZ_FOLDER_BIT = 0x10
+"""The MS-DOS folder attribute: miniz (torch's zip reader) takes a member whose external attributes carry it
+(or whose name ends in ``/``) for a folder, extracts nothing, and torch keeps the buffer it allocated."""
 MAX_PICKLE_BYTES = 2 << 20
 """A DeepLabCut snapshot's ``data.pkl`` takes 30-300 KB. Unpickling can multiply a pickle's size ~80 times in
 memory (one byte of pickle, one empty dict), so this bound keeps any reader within ~170 MiB."""
@@ -455,6 +458,13 @@ def _check_layout(path: Path, members: list[zipfile.ZipInfo], size: int) -> None
         if member.file_size != member.compress_size:
             raise _beyond(
                 path, f"member {member.filename!r} declares {member.file_size} bytes but stores {member.compress_size}"
+            )
+        if member.external_attr & MINIZ_FOLDER_BIT or member.filename.endswith("/"):
+            raise _beyond(
+                path,
+                f"member {member.filename!r} is marked as a folder in the zip directory",
+                "torch's reader (DeepLabCut's too) reads no bytes for a folder: it would use uninitialized memory "
+                "in place of that member, silently",
             )
         if member.header_offset < end or member.header_offset + member.compress_size > size:
             raise _beyond(path, f"member {member.filename!r} overlaps another or runs past the end of the file")

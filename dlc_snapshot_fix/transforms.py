@@ -134,7 +134,7 @@ def strip_wrapper_prefixes(
 
 
 def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
-    """Turn numpy scalars in ``metadata`` into plain Python numbers; return the snapshot and how many.
+    """Turn numpy scalars in ``metadata`` (keys too) into plain Python numbers; return the snapshot and how many.
 
     DeepLabCut 3.0.0rc5 and older stored numpy float64 values in ``metadata["metrics"]``;
     ``torch.load(weights_only=True)`` (DeepLabCut's default since torch 2.6) refuses them
@@ -150,7 +150,7 @@ def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any
             count += 1
             return value.item()
         if isinstance(value, dict):
-            return type(value)((key, plain(item)) for key, item in value.items())
+            return type(value)((plain(key), plain(item)) for key, item in value.items())
         if isinstance(value, (list, tuple)):
             return type(value)(plain(item) for item in value)
         return value
@@ -161,20 +161,34 @@ def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any
     return ({**snapshot, "metadata": metadata} if count else dict(snapshot)), count
 
 
-def numpy_metadata_types(snapshot: Mapping[str, Any]) -> list[str]:
-    """The numpy scalar types in ``metadata``, one name per scalar (``float64``, ``int64``, ...)."""
-    found: list[str] = []
-    numpy_scalars = _numpy_scalar_types()
-    stack = [snapshot.get("metadata")]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, numpy_scalars):
-            found.append(type(value).__name__)
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            stack.extend(value)
-    return sorted(found)
+def numpy_values(snapshot: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The numpy scalars and dtypes a snapshot holds, by top-level entry: one type name each (``float64``,
+    ``dtype(float32)``), keys included.
+
+    DeepLabCut's loader judges every one of them wherever it sits, not only in ``metadata``
+    (where DeepLabCut 3.0.0rc5 and older put numpy float64 metrics).
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is None:  # a numpy value cannot exist without numpy loaded
+        return {}
+    found: dict[str, list[str]] = {}
+    for entry, top in snapshot.items():
+        names: list[str] = []
+        stack = [entry, top]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, numpy.generic):
+                names.append(type(value).__name__)
+            elif isinstance(value, numpy.dtype):
+                names.append(f"dtype({value.name})")
+            elif isinstance(value, dict):
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+        if names:
+            found[str(entry)] = sorted(names)
+    return found
 
 
 def epoch_of(snapshot: Mapping[str, Any]) -> int | None:

@@ -283,22 +283,39 @@ class JoinedFile(io.RawIOBase):
         super().close()
 
 
-def judge_numpy_metadata(
-    numpy_types: list[str], checks: Iterable[ModelCheck], dialect: str | None
+DEEPLABCUT_NUMPY = {"float64", "dtype(float64)"}
+"""The numpy values DeepLabCut 3.0.x's loader reads: it allow-lists numpy's ``dtype``, ``Float64DType`` and
+``scalar``, nothing else of numpy's."""
+
+
+def judge_numpy_values(
+    found: Mapping[str, list[str]], checks: Iterable[ModelCheck], dialect: str | None
 ) -> tuple[str | None, str | None]:
-    """(a failure hint, a note) for numpy scalars left in ``metadata``: a note when DeepLabCut reads them.
+    """(a failure hint, a note) for numpy values in a snapshot (:func:`transforms.numpy_values`).
 
     DeepLabCut 3.0.x allow-lists numpy's ``dtype``, ``Float64DType`` and ``scalar`` (by
     object, so only under the name its own numpy gives ``scalar``: numpy 1.x pickles say
-    ``numpy.core``, numpy 2.x ones ``numpy._core``). Where DeepLabCut ran, its verdict is
-    in ``checks``; where it did not, this says what DeepLabCut 3.0.x does, which the tests
-    check against the real one. ``dialect`` names the numpy whose names the pickle uses.
+    ``numpy.core``, numpy 2.x ones ``numpy._core``), wherever in the file they are. Where
+    DeepLabCut ran, its verdict is in ``checks``; where it did not, this says what DeepLabCut
+    3.0.x does, which the tests check against the real one. ``dialect`` names the numpy whose
+    names the pickle uses.
     """
-    if not numpy_types:
+    if not found:
         return None, None
-    kinds = ", ".join(sorted(set(numpy_types)))
-    held = f"'metadata' holds {len(numpy_types)} numpy scalar(s) ({kinds}), as DeepLabCut 3.0.0rc5 and older saved them"
-    fix = "--fix-metadata makes them plain numbers, which every loader reads"
+    held = "; ".join(
+        f"{entry!r} holds {len(names)} numpy value(s) ({', '.join(sorted(set(names)))})"
+        + (", as DeepLabCut 3.0.0rc5 and older saved them" if entry == "metadata" else "")
+        for entry, names in sorted(found.items())
+    )
+    beyond_fix = sorted(  # --fix-metadata turns numpy scalars in 'metadata' into numbers, nothing else
+        entry for entry, names in found.items() if entry != "metadata" or any(n.startswith("dtype(") for n in names)
+    )
+    fix = (
+        "--fix-metadata makes them plain numbers, which every loader reads"
+        if not beyond_fix
+        else "--fix-metadata turns only numpy scalars in 'metadata' into numbers; what "
+        f"{', '.join(map(repr, beyond_fix))} holds must be saved again without numpy"
+    )
     other = {"numpy 1.x": "numpy 2.x", "numpy 2.x": "numpy 1.x"}.get(dialect or "")
     also = f", and so does DeepLabCut running with {other} (the pickle uses {dialect}'s names)" if other else ""
     verdicts = [check for check in checks if check.status != "skipped"]
@@ -310,7 +327,7 @@ def judge_numpy_metadata(
             f"{held}: DeepLabCut {deeplabcut_version()} reads them (it allow-lists numpy float64), but a bare "
             f"torch.load(weights_only=True) refuses this file{also}. {fix}"
         )
-    if set(numpy_types) <= {"float64"}:
+    if {name for names in found.values() for name in names} <= DEEPLABCUT_NUMPY:
         return None, (
             f"{held}: DeepLabCut 3.0.x (numpy >= 1.25) reads numpy float64 pickled under the numpy it runs with"
             f"{f' (here {dialect})' if dialect else ''}; a bare torch.load(weights_only=True) refuses this file"

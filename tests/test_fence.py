@@ -30,14 +30,14 @@ def two(project: Path) -> tuple[Path, Path]:
 def test_an_unexpected_error_fails_that_file_only(project: Path, two, monkeypatch: pytest.MonkeyPatch, debug: bool):
     first, second = two
     before = second.read_bytes()
-    real = transforms.numpy_metadata_types
+    real = transforms.numpy_values
 
-    def numpy_metadata_types(snapshot):
+    def numpy_values(snapshot):
         if snapshot["metadata"]["epoch"] == 2:  # the second snapshot only
             raise RuntimeError("boom")
         return real(snapshot)
 
-    monkeypatch.setattr(transforms, "numpy_metadata_types", numpy_metadata_types)
+    monkeypatch.setattr(transforms, "numpy_values", numpy_values)
     result = CliRunner().invoke(main, [str(project), "--no-model-check", *(["--debug"] if debug else [])])
     assert result.exit_code == 3, result.output
     assert "snapshot-002.pt" in result.output
@@ -54,7 +54,7 @@ def test_an_error_after_the_file_changed_says_so(project: Path, two, monkeypatch
     def judge(*args, **kwargs):
         raise RuntimeError("late")
 
-    monkeypatch.setattr(migrate.verify, "judge_numpy_metadata", judge)
+    monkeypatch.setattr(migrate.verify, "judge_numpy_values", judge)
     result = CliRunner().invoke(main, [str(project), "--no-model-check"])
     assert result.exit_code == 3
     assert "changed, then RuntimeError: late was raised" in result.output

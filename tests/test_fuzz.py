@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oddfiles import nested_lists, rezip, snapshot_pickle
 
-from dlc_snapshot_fix import load_snapshot, migrate_project, pickled, restore_project, zipappend
+from dlc_snapshot_fix import load_snapshot, migrate_project, pickled, restore_project, verify, zipappend
 from dlc_snapshot_fix.diagnose import diagnose
 from dlc_snapshot_fix.reading import SnapshotReadError, numpy_allowed, read_recorded
 from dlc_snapshot_fix.report import Status
@@ -372,3 +372,37 @@ def test_what_the_torch_free_reader_accepts_torch_loads_the_same(scratch: Path, 
         with numpy_allowed():
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         assert _same_as_torch(recorded.snapshot, loaded, storages), f"mmap={mmap}"
+
+
+def _deeplabcut_loads(source) -> bool:
+    """DeepLabCut's own answer (its ``attempt_snapshot_load``, its allow-list, its default weights_only)."""
+    try:
+        verify.deeplabcut_load(source)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not verify.deeplabcut_available(), reason="DeepLabCut is the judge here: not installed")
+@FUZZ
+@given(mutant=MUTANTS)
+def test_what_the_tool_calls_loadable_deeplabcut_loads(scratch: Path, mutant: bytes):
+    """Whatever a run calls clean or migrated, unless it says DeepLabCut refuses it, DeepLabCut's own loader loads.
+
+    A check without the model check still speaks for DeepLabCut: ``clean`` means the file
+    loads as it is, ``needs fix`` that the planned file will (a hint says where DeepLabCut
+    will refuse it anyway: numpy metadata it does not allow-list). Then an append writes
+    it, and its word must hold for the file on disk.
+    """
+
+    def run(project: Path, good: Path, odd: Path) -> None:
+        checked = {r.path: r for r in migrate_project(project, write=False, check_model=False).results}[odd]
+        if checked.status == Status.CLEAN and checked.ok:
+            assert _deeplabcut_loads(odd), f"called loadable, DeepLabCut refuses it: {checked.describe()}"
+        written = {r.path: r for r in migrate_project(project, method="append", check_model=False).results}[odd]
+        if written.status in (Status.CLEAN, Status.FIXED) and written.ok:
+            assert _deeplabcut_loads(odd), f"called {written.status.value}, DeepLabCut refuses it: {written.describe()}"
+        if checked.status == Status.NEEDS_FIX and written.status == Status.FIXED:  # (or failed, unchanged: above)
+            assert written.ok == checked.ok, (checked.describe(), written.describe())
+
+    _check_run(scratch, mutant, run)

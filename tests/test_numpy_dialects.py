@@ -53,7 +53,7 @@ def test_either_dialect_migrates_and_restores(project: Path, dialect: str, metho
     report = migrate_project(project, method=method, check_model=False)
     result = report.results[0]
     assert result.status.value == "fixed" and result.ok, result.describe()
-    assert result.notes and "numpy scalar(s) (float64)" in result.notes[0]
+    assert result.notes and "numpy value(s) (float64)" in result.notes[0]
     assert not any(k.startswith("module.") for k in load_snapshot(path)["model"])
     import numpy as np
 

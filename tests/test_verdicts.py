@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import zipfile
@@ -99,11 +100,11 @@ def test_the_verdict_is_deeplabcuts_loader_not_a_plain_strict_load(multi_gpu_pro
 
 def test_what_the_tool_says_without_deeplabcut_is_what_deeplabcut_does(tmp_path: Path):
     """The statements made when DeepLabCut is absent, each against the real one."""
-    from dlc_snapshot_fix.verify import judge_numpy_metadata
+    from dlc_snapshot_fix.verify import judge_numpy_values
 
     numpy_major = int(np.__version__.split(".")[0])
     here, other = DATA / f"rc5-metrics-numpy{numpy_major}.pt", DATA / f"rc5-metrics-numpy{3 - numpy_major}.pt"
-    _, note = judge_numpy_metadata(["float64", "float64"], [], f"numpy {numpy_major}.x")
+    _, note = judge_numpy_values({"metadata": ["float64", "float64"]}, [], f"numpy {numpy_major}.x")
     assert "reads numpy float64 pickled under the numpy it runs with" in note
     assert deeplabcut_reads(here)  # float64 under the numpy that wrote it: read
     assert not deeplabcut_reads(other)  # ... under the other numpy: refused, as the note says
@@ -112,11 +113,46 @@ def test_what_the_tool_says_without_deeplabcut_is_what_deeplabcut_does(tmp_path:
     bare = subprocess.run([sys.executable, "-c", bare_load], capture_output=True, text=True)
     assert bare.returncode != 0 and "Weights only load failed" in bare.stderr
 
-    hint, _ = judge_numpy_metadata(["float32", "int64"], [], None)
+    hint, _ = judge_numpy_values({"metadata": ["float32", "int64"]}, [], None)
     assert "allow-lists numpy float64 only, so its loader refuses this file" in hint
     odd = tmp_path / "float32.pt"
     torch.save({"model": {}, "metadata": {"metrics": {"a": np.float32(1)}, "epoch": np.int64(1)}}, odd)
     assert not deeplabcut_reads(odd)
+
+
+NUMPY_ELSEWHERE = {  # what a snapshot holds besides its model -> DeepLabCut's loader reads it
+    "float32 in another entry": ({"scheduler": {"best": np.float32(1)}}, False),
+    "float64 in another entry": ({"scheduler": {"best": np.float64(1)}}, True),
+    "int64 as a key": ({"metadata": {"metrics": {np.int64(3): 1.0}}}, False),
+    "a float64 dtype": ({"metadata": {"dtype": np.dtype("float64")}}, True),
+    "an int32 dtype": ({"extra": [np.dtype("int32")]}, False),
+    "float32 in the state dict": ({"model": {"module.step": np.float32(0)}}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUMPY_ELSEWHERE))
+def test_numpy_values_anywhere_are_judged_as_deeplabcut_judges_them(project: Path, case: str):
+    """Found by the fuzzer: a numpy float32 outside 'metadata' made a migration say "fixed" with a note that
+    DeepLabCut reads the file; DeepLabCut's loader refused it. Its allow-list applies to the whole file."""
+    extra, deeplabcut_loads = NUMPY_ELSEWHERE[case]
+    state_dict = {**wrapped_state_dict(TinyPose(), "dp"), **extra.pop("model", {})}
+    path = save_snapshot(project / TRAIN / "snapshot-001.pt", state_dict, **extra)
+    assert deeplabcut_reads(path) is deeplabcut_loads
+    for args in (["--check"], ["--method", "append"]):
+        run = cli(project, "--no-model-check", "--json", "-", *args)
+        (result,) = json.loads(run.stdout)["snapshots"]
+        said_loadable = result["status"] != "failed" and not result["hints"]
+        assert said_loadable is deeplabcut_loads, (case, args, result)
+        assert run.returncode == (3 if not deeplabcut_loads else 1 if args == ["--check"] else 0), run.stdout
+    assert deeplabcut_reads(path) is deeplabcut_loads  # migrated: the numpy values are still there
+    fixable = case == "int64 as a key"  # numpy scalars in 'metadata' only: what --fix-metadata is for
+    done = cli(project, "--no-model-check", "--fix-metadata", "--json", "-")
+    (result,) = json.loads(done.stdout)["snapshots"]
+    assert (done.returncode == 0) is (deeplabcut_loads or fixable), result
+    assert deeplabcut_reads(path) is (deeplabcut_loads or fixable)
+    if result["status"] != "failed":  # (a non-tensor in the state dict is refused before numpy is judged)
+        advice = "must be saved again without numpy" in " ".join(result["hints"])
+        assert advice is not (deeplabcut_loads or fixable), result
 
 
 def test_what_discovery_says_of_names_is_how_deeplabcut_lists_them(project: Path):
@@ -197,3 +233,40 @@ def test_a_record_whose_local_header_is_broken_is_refused_as_deeplabcut_refuses_
         assert done.stdout.count("failed") >= 2 and "invalid header or archive is corrupted" in done.stdout
         assert "already clean" not in done.stdout
     assert states(train) == before
+
+
+def _mark_as_folder(path: Path, member: str) -> None:
+    """Set the MS-DOS folder bit in the external attributes of one member's central directory record."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        position = archive.start_dir
+    while data[position : position + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, position + 28)
+        if data[position + 46 : position + 46 + name_len].decode().endswith(f"/{member}"):
+            data[position + 38] |= 0x10
+            path.write_bytes(bytes(data))
+            return
+        position += 46 + name_len + extra_len + comment_len
+    raise AssertionError(f"no member {member}")
+
+
+@pytest.mark.parametrize("member", ["data.pkl", "data/0"])
+def test_a_member_marked_as_a_folder_is_refused_as_deeplabcut_misreads_it(project: Path, member: str):
+    """Found by the fuzzer: miniz (torch's zip reader, DeepLabCut's loader) takes a member with the folder bit for
+    a folder and extracts nothing; torch then reads the buffer it allocated. The torch-free reader and torch's
+    memory-mapped one read the real bytes, and the file was called loadable (and was migrated)."""
+    weight = torch.ones(256, 1024)  # 1 MiB: what DeepLabCut would read instead is a fresh allocation
+    path = save_snapshot(project / TRAIN / "snapshot-001.pt", {"module.weight": weight})
+    _mark_as_folder(path, member)
+    try:
+        loaded = attempt_snapshot_load(path, "cpu")["model"]["module.weight"]
+    except Exception:
+        assert member == "data.pkl"  # a pickle read from uninitialized memory: refused (or worse)
+    else:
+        assert member == "data/0" and not torch.equal(loaded, weight)  # loaded, silently, without its weights
+    before = path.read_bytes()
+    for args in (["--check"], ["--method", "append"], ["--method", "rewrite"]):
+        done = cli(project, "--no-model-check", *args)
+        assert done.returncode == 3, done.stdout
+        assert f"/{member}' is marked as a folder" in done.stdout, done.stdout
+    assert path.read_bytes() == before

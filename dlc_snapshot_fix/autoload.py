@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not ``typing.TYPE_CHECKING``: importing typing is ~5 ms of every process's start-up
 if TYPE_CHECKING:
     from pathlib import Path
     from types import ModuleType

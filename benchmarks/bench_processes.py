@@ -6,7 +6,10 @@ which), and the clock stops after the process has exited and ``sync`` has return
 RSS is the process's own (``wait4``'s ``ru_maxrss``). Each figure is the median of
 ``--repeat`` runs, each migration on a fresh copy of the same archive. Baselines measured
 in the same run: ``cp -a`` of the archive, the common script (copy backup, ``torch.load``,
-``k.replace``, ``torch.save``), and a full ``torch.load`` of every snapshot.
+``k.replace``, ``torch.save``), and a full ``torch.load`` of every snapshot. Both methods also
+run with ``--jobs 2`` (two projects at once, each in its own worker process): whether a second
+process buys anything on this machine (it decides whether snapshots within one project should
+be spread over processes too).
 
     python benchmarks/bench_processes.py [--count 16] [--repeat 3] [--scale 16,64,256] [--big-gb 1.2] [--out DIR]
 
@@ -138,6 +141,14 @@ def main() -> None:
             measure(
                 "rewrite", [*TOOL, str(work), "--no-model-check", "-q", "--method", "rewrite"], template, work, 3
             ),
+            measure("append, --jobs 2", [*TOOL, str(work), "--no-model-check", "-q", "-j", "2"], template, work, 3),
+            measure(
+                "rewrite, --jobs 2",
+                [*TOOL, str(work), "--no-model-check", "-q", "--method", "rewrite", "-j", "2"],
+                template,
+                work,
+                3,
+            ),
             measure("torch.load of every snapshot", [PYTHON, "-c", LOAD_SCRIPT, str(template)], None, work, 3),
             measure("--check", [*TOOL, str(template), "--check", "--no-model-check", "-q"], None, work, 3),
             measure("--help", [*TOOL, "--help"], None, work, args.repeat),
@@ -168,6 +179,8 @@ def main() -> None:
             "cp/append": by["cp -a of the archive"]["seconds"] / by["append"]["seconds"],
             "load/check": by["torch.load of every snapshot"]["seconds"] / by["--check"]["seconds"],
             "seed/rewrite": by["seed script"]["seconds"] / by["rewrite"]["seconds"],
+            "append/append -j2": by["append"]["seconds"] / by["append, --jobs 2"]["seconds"],
+            "rewrite/rewrite -j2": by["rewrite"]["seconds"] / by["rewrite, --jobs 2"]["seconds"],
         }
         scale = []
         for count in [int(n) for n in args.scale.split(",") if n]:

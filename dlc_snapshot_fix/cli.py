@@ -143,7 +143,13 @@ def main(debug: bool) -> None:
     help="Also keep a full, verified copy of every original here (another disk, say) before changing it.",
 )
 @click.option("--hash", "hash_files", is_flag=True, help="append: also report whole-file sha256 (reads every byte).")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Archive: projects migrated at once.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Archive: projects migrated at once. A project's own snapshots go one at a time (BENCHMARKS.md says why).",
+)
 @click.option(
     "--shard",
     metavar="I/N",
@@ -212,6 +218,12 @@ def migrate(
     )
     if archive:
         _run_archive(project, jobs, (shard, shard_count), write, options, json_path, csv_path, quiet)
+    if jobs > 1:
+        click.secho(
+            "note: --jobs runs projects of an archive at once; the snapshots of one project go one at a time",
+            fg="yellow",
+            err=True,
+        )
     _run(
         lambda: migrate_project(project, write=write, options=options),
         json_path,

@@ -391,8 +391,9 @@ def test_what_the_tool_calls_loadable_deeplabcut_loads(scratch: Path, mutant: by
 
     A check without the model check still speaks for DeepLabCut: ``clean`` means the file
     loads as it is, ``needs fix`` that the planned file will (a hint says where DeepLabCut
-    will refuse it anyway: numpy metadata it does not allow-list). Then an append writes
-    it, and its word must hold for the file on disk.
+    will refuse it anyway: numpy values it does not allow-list). Then an append writes it
+    (or fails, the file unchanged, as the properties above check), and its word must hold
+    for the file on disk.
     """
 
     def run(project: Path, good: Path, odd: Path) -> None:

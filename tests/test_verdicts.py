@@ -135,8 +135,9 @@ def test_numpy_values_anywhere_are_judged_as_deeplabcut_judges_them(project: Pat
     """Found by the fuzzer: a numpy float32 outside 'metadata' made a migration say "fixed" with a note that
     DeepLabCut reads the file; DeepLabCut's loader refused it. Its allow-list applies to the whole file."""
     extra, deeplabcut_loads = NUMPY_ELSEWHERE[case]
-    state_dict = {**wrapped_state_dict(TinyPose(), "dp"), **extra.pop("model", {})}
-    path = save_snapshot(project / TRAIN / "snapshot-001.pt", state_dict, **extra)
+    state_dict = {**wrapped_state_dict(TinyPose(), "dp"), **extra.get("model", {})}
+    others = {entry: value for entry, value in extra.items() if entry != "model"}
+    path = save_snapshot(project / TRAIN / "snapshot-001.pt", state_dict, **others)
     assert deeplabcut_reads(path) is deeplabcut_loads
     for args in (["--check"], ["--method", "append"]):
         run = cli(project, "--no-model-check", "--json", "-", *args)

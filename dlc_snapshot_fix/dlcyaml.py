@@ -11,8 +11,8 @@ libyaml parses, with ruamel's YAML 1.2 resolution rules, and builds only what bo
 build the same way (strings, ``true``/``false``, ``null``, plain decimal integers, floats
 without ``_``). Anything else (octal, ``_`` separators, ``.inf``, timestamps, merge keys,
 duplicate keys, tags, anchors, block scalars, directives, a tab anywhere, a parse error)
-makes ruamel itself read the file: its value, or its error, is the answer. Without ruamel (no DeepLabCut here to judge)
-PyYAML's safe loader answers.
+makes ruamel itself read the file: its value, or its error, is the answer. Without ruamel
+(no DeepLabCut here to judge) PyYAML's safe loader answers.
 """
 
 from __future__ import annotations

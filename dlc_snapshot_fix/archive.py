@@ -87,6 +87,7 @@ class ArchiveReport:
                         "project": str(report.project),
                         "path": str(result.path),
                         "status": result.status.value,
+                        "method": result.method,
                         "reason": result.describe(),
                         "size": result.size,
                         "sha256_before": result.sha256_before,
@@ -116,6 +117,12 @@ class ArchiveReport:
         for row in self.rows():
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no snapshots"
+        methods: dict[str, int] = {}
+        for row in self.rows():
+            if row.get("method") and row["status"] in (Status.FIXED.value, Status.NEEDS_FIX.value):
+                methods[row["method"]] = methods.get(row["method"], 0) + 1
+        if len(methods) > 1 or "append" in methods:  # the append was asked for: say where it was (or will be) used
+            text += f" ({methods.get('append', 0)} by append, {methods.get('rewrite', 0)} by rewrite)"
         return (
             f"archive {self.root} (shard {self.shard}): {len(self.projects)} projects, {text}, "
             f"{len(self.skipped)} paths skipped" + (" — INTERRUPTED, run again to finish" if self.interrupted else "")

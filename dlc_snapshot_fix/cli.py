@@ -122,9 +122,11 @@ def main(debug: bool) -> None:
     help="Unpickle without the allow-list, for this run only. Can run code from the files: only for your own.",
 )
 @click.option(
-    "--fix-metadata",
-    is_flag=True,
-    help="Also turn numpy scalars in metadata into plain numbers (3.0.0rc5 and older), so DeepLabCut loads them.",
+    "--fix-metadata/--keep-numpy-metadata",
+    default=None,
+    help="numpy scalars in metadata (3.0.0rc5 and older) become the same plain numbers: by default where "
+    "DeepLabCut would refuse them (numpy 1 names under numpy 2, say); --fix-metadata: always; "
+    "--keep-numpy-metadata: never.",
 )
 @click.option(
     "--rename-legacy-best",
@@ -170,7 +172,7 @@ def migrate(
     dry_run: bool,
     no_model_check: bool,
     trust: bool,
-    fix_metadata: bool,
+    fix_metadata: bool | None,
     rename_legacy_best: bool,
     method: str | None,
     backup_dir: Path | None,

@@ -45,8 +45,9 @@ class MigrationOptions:
     check_model: bool = True
     trust: bool = False
     """Unpickle without the allow-list: only for files the user vouches for (it can run code)."""
-    fix_metadata: bool = False
-    """Turn numpy scalars in ``metadata`` into plain numbers (3.0.0rc5 and older)."""
+    fix_metadata: bool | None = None
+    """Turn numpy scalars in ``metadata`` (3.0.0rc5 and older) into the same plain numbers: ``None`` where
+    DeepLabCut, running with this numpy, would refuse them; ``True`` always; ``False`` never."""
     rename_legacy_best: bool = False
     """Rename ``snapshot-best.pt`` to ``snapshot-best-<epoch>.pt`` (changes DeepLabCut's scorer name)."""
     hash_files: bool = False
@@ -227,6 +228,10 @@ class _Plan:
     make_pickle: Callable[[], bytes] | None = None
     """Makes the result's ``data.pkl`` where it is known without writing (a recorded pickle)."""
     layout: zipappend.ZipLayout | None = None
+    method: str = "rewrite"
+    """How the file will be written when it changes: ``append`` or ``rewrite``."""
+    method_note: str | None = None
+    """Why ``--method append`` was asked and this snapshot takes the rewrite."""
 
     @functools.cached_property
     def result_pickle(self) -> bytes | None:
@@ -243,17 +248,23 @@ def _plan(snapshot_file: SnapshotFile, options: MigrationOptions, write: bool) -
     writes with ``torch.save``), an exported model DeepLabCut's model is checked with,
     ``--trust``, and whatever the torch-free reader leaves to torch's judgement.
     """
-    recorded = None
+    recorded, torch_only = None, "--trust reads and writes it with torch"
     if not options.trust:
-        with contextlib.suppress(pickled.NotRecordable):
+        try:
             recorded = _recorded_plan(snapshot_file, options, write)
+        except pickled.NotRecordable as error:
+            torch_only = f"its data.pkl holds what only torch's full load reads ({error})"
     if recorded is not None:
         rewrite = recorded.changes and write and recorded.append is None and recorded.rezip is None
         if not (rewrite or (snapshot_file.role == "exported" and options.check_model)):
             return recorded
-    plan = _transform(snapshot_file, load_snapshot(snapshot_file.path, trust=options.trust), options)
+        torch_only = recorded.method_note or "an exported model is rewritten by torch, which its model check reads"
+    snapshot = load_snapshot(snapshot_file.path, trust=options.trust)
+    plan = _transform(snapshot_file, snapshot, options, _numpy_dialect_of(snapshot_file.path))
     if recorded is not None:
         plan.expected_records, plan.make_pickle, plan.layout = recorded.fixed, recorded.make_pickle, recorded.layout
+    if plan.changes and options.method == "append":
+        plan.method_note = torch_only
     return plan
 
 
@@ -261,7 +272,7 @@ def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write
     """The plan from the torch-free reader, tensors as records; the new ``data.pkl`` is made now if it is to be
     written (a pickle that cannot be made then goes to torch), else when a check first needs it."""
     recorded = read_recorded(snapshot_file.path)
-    plan = _transform(snapshot_file, recorded.snapshot, options)
+    plan = _transform(snapshot_file, recorded.snapshot, options, pickled.numpy_dialect(recorded.pickle))
     plan.layout = recorded.layout
     fixed, order = plan.fixed, recorded.storage_order
     if plan.changes and write:  # made now: a pickle that cannot be made sends the snapshot to torch's rewrite
@@ -273,16 +284,58 @@ def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write
         plan.make_pickle = lambda: recorded.pickle
     fast = options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best)
     if plan.changes and fast:
-        plan.append = recorded.layout
-    elif plan.changes:
+        plan.method_note = _append_refusal(recorded.layout, plan.result_pickle)
+        if plan.method_note is None:
+            plan.append = recorded.layout
+            plan.method = "append"
+    if plan.changes and plan.append is None:
         with contextlib.suppress(rezip.NotRezippable, OSError):
             plan.rezip = rezip.plan(snapshot_file.path, recorded.layout)
             plan.expected_records = plan.fixed
     return plan
 
 
-def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOptions) -> _Plan:
-    """Pure: every change the options ask for, applied to a loaded (or recorded) snapshot."""
+def _append_refusal(layout: zipappend.ZipLayout, new_pickle: bytes | None) -> str | None:
+    """Why this snapshot takes the rewrite instead of the append, or ``None`` if the append can keep its promise.
+
+    The append is crash-safe only while everything it writes before its end records stays
+    within the window in which zip readers find the original end record
+    (:data:`zipappend.MAX_TAIL`); a larger pickle (HRNet, DEKR, CTD, a snapshot with
+    optimizer state) takes the copy-speed rewrite in the same run.
+    """
+    assert new_pickle is not None  # a recorded plan always makes its pickle
+    body, _ = zipappend.build_tail(layout, new_pickle)
+    if len(body) <= zipappend.MAX_TAIL:
+        return None
+    return (
+        f"the new pickle is {_kilobytes(len(new_pickle))}, too large to append safely (with its directory "
+        f"{_kilobytes(len(body))}; an append writes at most {_kilobytes(zipappend.MAX_TAIL)}, so that one cut "
+        "short leaves the original loadable)"
+    )
+
+
+def _kilobytes(size: int) -> str:
+    return f"{size / 1024:,.1f} KiB"
+
+
+def _numpy_dialect_of(path: Path) -> str | None:
+    """The numpy whose names a zip snapshot's pickle uses (:func:`pickled.numpy_dialect`); ``None`` if unknown."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            (name,) = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            return pickled.numpy_dialect(archive.read(name))
+    except Exception:  # legacy format, or a zip only torch reads: unknown
+        return None
+
+
+def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOptions, dialect: str | None) -> _Plan:
+    """Pure: every change the options ask for, applied to a loaded (or recorded) snapshot.
+
+    ``dialect`` is the numpy whose names the original's pickle uses: whether DeepLabCut
+    refuses numpy metadata depends on it (:func:`verify.deeplabcut_refuses_metadata`).
+    """
     transforms.check_nesting(snapshot)
     if not isinstance(snapshot, dict):
         raise transforms.SnapshotFormatError(
@@ -292,10 +345,14 @@ def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOpt
     fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
     changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
     numpy_found = transforms.numpy_values(fixed)
-    if "metadata" in numpy_found and options.fix_metadata:
-        fixed, count = transforms.numpy_metadata_to_python(fixed)
-        changes.append(f"{count} numpy scalar(s) in 'metadata' made plain numbers")
-        numpy_found = transforms.numpy_values(fixed)
+    if "metadata" in numpy_found and options.fix_metadata is not False:
+        refused = verify.deeplabcut_refuses_metadata(numpy_found["metadata"], dialect)
+        if options.fix_metadata or refused:
+            fixed, count = transforms.numpy_metadata_to_python(fixed)
+            if count:
+                why = f" ({refused}; the values are the same)" if refused else ""
+                changes.append(f"{count} numpy scalar(s) in 'metadata' made plain numbers{why}")
+                numpy_found = transforms.numpy_values(fixed)
     destination = snapshot_file.path
     if options.rename_legacy_best and snapshot_file.legacy_best:
         epoch = transforms.epoch_of(fixed)
@@ -361,6 +418,8 @@ def _migrate_fenced(
         result.reason = _failure_reason(error)
         return
     result.stripped, result.changes = plan.stripped, plan.changes
+    if plan.changes:
+        result.method, result.method_note = plan.method, plan.method_note
     entries = transforms.present_entries(plan.fixed, snapshot_file.state_dict_entries)
     if snapshot_file.role == "exported":  # DeepLabCut-Live loads these, not DeepLabCut's runners: check in memory
         for entry in entries:

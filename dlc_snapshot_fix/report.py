@@ -63,6 +63,10 @@ class SnapshotResult:
     backup: Path | None = None
     extra_backup: Path | None = None
     """The copy made in ``--backup-dir``, if one was asked for."""
+    method: str | None = None
+    """How a changed snapshot is (or, for ``needs fix``, will be) written: ``append`` or ``rewrite``."""
+    method_note: str | None = None
+    """Why ``--method append`` was asked and this snapshot takes (or will take) the rewrite."""
     seconds: float = 0.0
 
     @property
@@ -80,6 +84,9 @@ class SnapshotResult:
             parts.append(self.reason)
         for change in self.changes:
             parts.append(f"would be {change}" if self.status == Status.NEEDS_FIX else change)
+        if self.method_note and self.status in (Status.NEEDS_FIX, Status.FIXED):
+            verb = "would be rewritten" if self.status == Status.NEEDS_FIX else "rewritten"
+            parts.append(f"{verb}, not appended: {self.method_note}")
         parts += self.hints
         parts += self.notes
         for entry, check in self.model_checks.items():
@@ -121,6 +128,8 @@ class ProjectReport:
                     "status": r.status.value,
                     "reason": r.reason,
                     "changes": r.changes,
+                    "method": r.method,
+                    "method_note": r.method_note,
                     "renamed_to": str(r.renamed_to) if r.renamed_to else None,
                     "hints": r.hints,
                     "notes": r.notes,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
+import inspect
 import io
 import logging
 import os
@@ -288,6 +290,34 @@ DEEPLABCUT_NUMPY = {"float64", "dtype(float64)"}
 ``scalar``, nothing else of numpy's."""
 
 
+def running_numpy_dialect() -> str:
+    """The numpy names this environment's numpy (so DeepLabCut here) gives ``scalar``."""
+    import numpy
+
+    return "numpy 2.x" if int(numpy.__version__.split(".")[0]) >= 2 else "numpy 1.x"
+
+
+def deeplabcut_refuses_metadata(names: Iterable[str], dialect: str | None) -> str | None:
+    """Why DeepLabCut 3.0.x, running with this numpy, refuses the numpy scalars ``metadata`` holds, or ``None``.
+
+    ``names`` are :func:`transforms.numpy_values`' names, ``dialect`` the numpy whose names
+    the pickle uses (``None``: unknown, taken as refused: the cure is lossless). Pure apart
+    from asking which numpy is installed; the tests hold it against the real DeepLabCut.
+    """
+    scalars = {name for name in names if not name.startswith("dtype(")}
+    if not scalars:
+        return None
+    if not scalars <= DEEPLABCUT_NUMPY:
+        return f"DeepLabCut allow-lists numpy float64 only, and these are {', '.join(sorted(scalars))}"
+    running = running_numpy_dialect()
+    if dialect != running:
+        return (
+            f"DeepLabCut refuses them: they were pickled under {dialect or 'an unknown numpy'}'s names "
+            f"and it runs with {running}"
+        )
+    return None
+
+
 def judge_numpy_values(
     found: Mapping[str, list[str]], checks: Iterable[ModelCheck], dialect: str | None
 ) -> tuple[str | None, str | None]:
@@ -351,9 +381,57 @@ def build_pose_model(model_config: Mapping[str, Any]) -> torch.nn.Module:
     return PoseModel.build(copy.deepcopy(dict(model_config)), pretrained_backbone=False)
 
 
-def model_config_from(pytorch_config: Path) -> tuple[dict | None, str]:
-    """The ``model`` section of a ``pytorch_config.yaml``, or ``None`` and why not."""
+DETECTOR = "#detector"
+"""Marks a model source as a detector's (``pytorch_config.yaml``'s ``detector.model``), built by DETECTORS."""
+
+
+@contextlib.contextmanager
+def _no_backbone_download() -> Iterator[None]:
+    """Build torchvision's detectors without their ImageNet backbone weights (a download).
+
+    DeepLabCut's Faster R-CNN asks torchvision for ``weights=None`` but leaves
+    ``weights_backbone`` at its default, which fetches ImageNet weights. A snapshot then
+    replaces every weight, so the architecture is all the check needs: the same builders,
+    called with ``weights_backbone=None`` unless the caller chose one (SSDLite does).
+    """
+    import torchvision.models.detection as detection
+
+    originals = {name: builder for name, builder in vars(detection).items() if _takes_backbone_weights(builder)}
+    for name, builder in originals.items():
+        setattr(detection, name, functools.partial(builder, weights_backbone=None))
+    try:
+        yield
+    finally:
+        for name, builder in originals.items():
+            setattr(detection, name, builder)
+
+
+def _takes_backbone_weights(builder: Any) -> bool:
+    if not inspect.isfunction(builder):
+        return False
+    try:
+        return "weights_backbone" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_detector(detector_model_config: Mapping[str, Any]) -> torch.nn.Module:
+    """The detector ``detector.model`` describes, built by DeepLabCut's ``DETECTORS`` as its inference does."""
+    from deeplabcut.pose_estimation_pytorch.models.detectors import DETECTORS
+
+    with _no_backbone_download():
+        return DETECTORS.build(copy.deepcopy(dict(detector_model_config)))
+
+
+def model_config_from(pytorch_config: Path, detector: bool = False) -> tuple[dict | None, str]:
+    """The ``model`` (or ``detector.model``) section of a ``pytorch_config.yaml``, or ``None`` and why not."""
     config = read_yaml(pytorch_config)
+    if detector:
+        section = config.get("detector") if isinstance(config, Mapping) else None
+        model = section.get("model") if isinstance(section, Mapping) else None
+        if not isinstance(model, Mapping):
+            return None, f"{pytorch_config} has no 'detector.model' section; detector check skipped"
+        return dict(model), f"{pytorch_config}{DETECTOR}"
     if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
         return None, f"{pytorch_config} has no 'model' section; model check skipped"
     return dict(config["model"]), str(pytorch_config)
@@ -389,11 +467,6 @@ class ModelChecker:
             return ModelCheck("skipped", "model check not requested")
         if not deeplabcut_available():
             return ModelCheck("skipped", "deeplabcut is not installed; model check skipped")
-        if entry == "detector" or snapshot_file.role == "detector":
-            return ModelCheck(
-                "skipped",
-                "detector not checked: building torchvision's detector downloads backbone weights",
-            )
         loaded: Any = None
         if source is not None and snapshot_file.role != "exported":
             try:
@@ -408,7 +481,7 @@ class ModelChecker:
         if against is not None:
             model_config, config_source = model_config_from(against)
         else:
-            model_config, config_source = self._pose_model_config(snapshot_file, snapshot)
+            model_config, config_source = self._model_config(snapshot_file, snapshot, entry)
         if model_config is None:
             return ModelCheck("skipped", config_source)
         try:
@@ -426,7 +499,8 @@ class ModelChecker:
             return ModelCheck(
                 "ok",
                 f"DeepLabCut {deeplabcut_version()} loads it: its snapshot loader reads the file and the state dict "
-                "loads strictly into the model its pytorch_config.yaml builds",
+                f"loads strictly into the {'detector' if config_source.endswith(DETECTOR) else 'model'} "
+                "its pytorch_config.yaml builds",
             )
         return result
 
@@ -439,23 +513,31 @@ class ModelChecker:
             config = read_yaml(snapshot_file.pytorch_config)
         except Exception:  # an unreadable config is reported by discovery; DeepLabCut's default applies
             return None
+        if snapshot_file.role == "detector":
+            config = config.get("detector") if isinstance(config, Mapping) else None
         runner = config.get("runner") if isinstance(config, Mapping) else None
         value = runner.get("load_weights_only") if isinstance(runner, Mapping) else None
         return value if isinstance(value, bool) else None
 
     @staticmethod
-    def _pose_model_config(snapshot_file: SnapshotFile, snapshot: Mapping[str, Any]) -> tuple[dict | None, str]:
+    def _model_config(
+        snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str
+    ) -> tuple[dict | None, str]:
+        """The config of the model ``entry`` loads into: the pose model, or the detector (role or entry)."""
+        detector = entry == "detector" or snapshot_file.role == "detector"
         if snapshot_file.role == "exported":
             config = snapshot.get("config")
-            if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping):
-                return dict(config["model"]), f"{snapshot_file.path}#config"
-            return None, "exported file has no model config; model check skipped"
+            section = config.get("detector") if detector and isinstance(config, Mapping) else config
+            if isinstance(section, Mapping) and isinstance(section.get("model"), Mapping):
+                return dict(section["model"]), f"{snapshot_file.path}#config" + (DETECTOR if detector else "")
+            return None, f"exported file has no {'detector ' if detector else ''}model config; model check skipped"
         if snapshot_file.pytorch_config is None:
             return None, "no readable pytorch_config.yaml beside it; model check skipped"
-        return model_config_from(snapshot_file.pytorch_config)
+        return model_config_from(snapshot_file.pytorch_config, detector=detector)
 
     def model(self, source: str, model_config: Mapping[str, Any]) -> torch.nn.Module:
-        """The model built from ``model_config``, once per ``source``."""
+        """The model built from ``model_config``, once per ``source`` (a detector's ends in :data:`DETECTOR`)."""
         if source not in self._models:
-            self._models[source] = build_pose_model(model_config)
+            build = build_detector if source.endswith(DETECTOR) else build_pose_model
+            self._models[source] = build(model_config)
         return self._models[source]

@@ -93,7 +93,7 @@ def test_migrates_an_archive_with_two_jobs(archive: Path, tmp_path: Path):
     assert fixed["size"] > 0 and len(fixed["sha256_before"]) == 64 and fixed["sha256_after"] != fixed["sha256_before"]
     assert "empty file" in rows[f"2024/clean C/{TRAIN}/snapshot-002.pt"]["reason"]
     header = report_csv.read_text().splitlines()[0]
-    assert header == "project,path,status,reason,size,sha256_before,sha256_after,seconds"
+    assert header == "project,path,status,method,reason,size,sha256_before,sha256_after,seconds"
     assert len(report_csv.read_text().splitlines()) == 6
     assert "3 projects, 1 already clean, 1 failed, 3 fixed, 2 paths skipped" in result.output
 

@@ -38,23 +38,29 @@ def test_numpy_metadata_to_python_is_pure_and_counts():
     assert isinstance(snapshot["metadata"]["epoch"], np.int64)  # input untouched
 
 
-def test_fix_metadata_makes_the_file_load_without_an_allow_list(project: Path):
+def test_numpy_metadata_deeplabcut_refuses_is_made_plain_by_default_and_restored(project: Path):
+    """float32 and int64 in metadata: DeepLabCut allow-lists numpy float64 only, so the default run cures them."""
     path = numpy_snapshot(project / TRAIN / "snapshot-017.pt")
+    original = path.read_bytes()
     with pytest.raises(Exception, match="numpy"):
         torch.load(path, weights_only=True)
 
-    plain = run(project)
-    assert plain.exit_code == 3  # prefix fixed, but DeepLabCut would still refuse the file: say how to fix it
-    assert "--fix-metadata makes them plain numbers" in plain.output
+    kept = run(project, "--keep-numpy-metadata")
+    assert kept.exit_code == 3  # prefix fixed, but DeepLabCut would still refuse the file: say how to fix it
+    assert "--fix-metadata makes them plain numbers" in kept.output
     with pytest.raises(Exception, match="numpy"):
         torch.load(path, weights_only=True)
 
-    fixed = run(project, "--fix-metadata")
+    fixed = run(project)
     assert fixed.exit_code == 0, fixed.output
-    assert "3 numpy scalar(s) in 'metadata' made plain numbers" in fixed.output
+    assert "3 numpy scalar(s) in 'metadata' made plain numbers (DeepLabCut allow-lists numpy float64 only" in (
+        fixed.output.replace("\n", " ")
+    )
     loaded = torch.load(path, weights_only=True)
     assert loaded["metadata"]["metrics"] == {"test.rmse": 3.25, "test.mAP": 0.5}
+    assert loaded["metadata"]["n"] == [4] and type(loaded["metadata"]["n"][0]) is int
     assert run("restore", project).exit_code == 0
+    assert path.read_bytes() == original
 
 
 def test_rename_legacy_best_and_restore(project: Path):

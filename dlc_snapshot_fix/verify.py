@@ -520,9 +520,7 @@ class ModelChecker:
         return value if isinstance(value, bool) else None
 
     @staticmethod
-    def _model_config(
-        snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str
-    ) -> tuple[dict | None, str]:
+    def _model_config(snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str) -> tuple[dict | None, str]:
         """The config of the model ``entry`` loads into: the pose model, or the detector (role or entry)."""
         detector = entry == "detector" or snapshot_file.role == "detector"
         if snapshot_file.role == "exported":

@@ -42,10 +42,14 @@ print("DONE", flush=True)
 """
 
 
-def build_archive(root: Path, projects: int, snapshots: int, size_mb: float, seed: int) -> list[Path]:
-    """Projects of DataParallel-style snapshots (with optimizer state) of about ``size_mb`` each."""
+def build_archive(root: Path, projects: int, snapshots: int, size_mb: float, seed: int, keys: int = 9) -> list[Path]:
+    """Projects of DataParallel-style snapshots (with optimizer state) of about ``size_mb`` each, ``keys`` tensors.
+
+    ``--keys 1900`` gives an HRNet-sized ``data.pkl`` (~0.3 MB), which the append leaves to the rewrite.
+    """
     generator = torch.Generator().manual_seed(seed)
     floats = int(size_mb * 2**20 / 4)
+    layers = max(keys - 1, 1)
     made = []
     for p in range(projects):
         project = root / f"project {p}"
@@ -54,7 +58,11 @@ def build_archive(root: Path, projects: int, snapshots: int, size_mb: float, see
         (project / TRAIN / "pytorch_config.yaml").write_text(yaml.safe_dump({"method": "bu"}))
         for s in range(snapshots):
             state = OrderedDict(
-                (f"module.backbone.layer{i}.weight", torch.randn(floats // 8, generator=generator)) for i in range(8)
+                (
+                    f"module.backbone.stage{i // 64}.branch{i % 4}.layer{i}.weight",
+                    torch.randn(max(floats // layers, 1), generator=generator),
+                )
+                for i in range(layers)
             )
             state["module.heads.bodypart.bias"] = torch.randn(3, generator=generator)
             name = f"snapshot-best-{s + 1:03d}.pt" if s == snapshots - 1 else f"snapshot-{s + 1:03d}.pt"
@@ -151,6 +159,7 @@ def main() -> int:
     parser.add_argument("--projects", type=int, default=3)
     parser.add_argument("--snapshots", type=int, default=3, help="per project")
     parser.add_argument("--size-mb", type=float, default=8.0, help="of each snapshot")
+    parser.add_argument("--keys", type=int, default=9, help="tensors per snapshot (1900: an HRNet-sized data.pkl)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--method", choices=["rewrite", "append"], default="rewrite")
     args = parser.parse_args()
@@ -158,7 +167,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         template = Path(scratch) / "template"
-        template_projects = build_archive(template, args.projects, args.snapshots, args.size_mb, args.seed)
+        template_projects = build_archive(template, args.projects, args.snapshots, args.size_mb, args.seed, args.keys)
         originals = {f"{p.name}/{s.name}": load_snapshot(s) for p in template_projects for s in snapshot_files(p)}
         shas = {f"{p.name}/{s.name}": sha256_of(s) for p in template_projects for s in snapshot_files(p)}
 
@@ -181,7 +190,7 @@ def main() -> int:
             shutil.rmtree(trial_dir)
 
     print(
-        f"method: {args.method}, trials: {args.trials}, killed mid-run: {killed_count}, "
+        f"method: {args.method}, keys: {args.keys}, trials: {args.trials}, killed mid-run: {killed_count}, "
         f"full run: {full_run:.2f}s, seed: {args.seed}"
     )
     print(f"lost or corrupted: {len(failures)} of {args.trials} trials")

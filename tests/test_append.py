@@ -154,3 +154,37 @@ def test_backup_dir_keeps_a_full_copy_elsewhere(project: Path, snapshot: Path, t
     assert not copy.samefile(snapshot) and copy.stat().st_nlink == 1  # a real copy, not a link
     (row,) = json.loads(result.output)["snapshots"]
     assert row["extra_backup"] == str(copy) and row["sha256_before"] == sha(copy)
+
+
+def test_a_pickle_too_large_to_append_takes_the_rewrite_in_the_same_run(project: Path, monkeypatch):
+    """HRNet-sized (~1,900 keys): the append would push the original end record out of the readers' window."""
+    state = wrapped_state_dict(TinyPose(), "dp")
+    for i in range(1900):
+        state[f"module.backbone.model.stage{i // 64}.branch{i % 4}.layer{i}.weight"] = torch.randn(2)
+    path = save_snapshot(project / TRAIN / "snapshot-005.pt", state)
+    original, expected = path.read_bytes(), expected_after(path)
+
+    def never(*_args):
+        raise AssertionError("appended past the window")
+
+    monkeypatch.setattr(zipappend, "append", never)
+    check = CliRunner().invoke(main, [str(project), "--method", "append", "--check", "--json", "-"])
+    assert check.exit_code == 1, check.output
+    planned = json.loads(check.output)["snapshots"][0]
+    assert (planned["status"], planned["method"]) == ("needs fix", "rewrite")
+    assert "too large to append safely" in planned["method_note"]
+
+    done = CliRunner().invoke(main, [str(project), "--method", "append"], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    assert "rewritten, not appended: the new pickle is" in done.output and "too large to append safely" in done.output
+    assert compare_snapshots(expected, load_snapshot(path)) == []
+    entry = json.loads(names.manifest_path(project).read_text())["entries"][0]
+    assert (entry["backup_method"], entry["state"]) != ("append", "writing")
+
+    tool_files = sorted(names.tool_dir(project).rglob("*"))
+    states = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [path, *tool_files] if p.is_file()}
+    again = CliRunner().invoke(main, [str(project), "--method", "append"], catch_exceptions=False)
+    assert again.exit_code == 0 and "already clean" in again.output
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in states} == states  # manifest included
+    assert CliRunner().invoke(main, ["restore", str(project)]).exit_code == 0
+    assert path.read_bytes() == original

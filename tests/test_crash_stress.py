@@ -11,9 +11,12 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "scripts" / "crash_stress.py"
 
 
+@pytest.mark.parametrize("keys", [9, 1900], ids=["resnet-sized pickle", "hrnet-sized pickle"])
 @pytest.mark.parametrize("method", ["rewrite", "append"])
-def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, method: str):
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, method: str, keys: int):
+    """An HRNet-sized data.pkl (~0.3 MB, 1,900 keys) takes the rewrite even under --method append: killed too."""
     arguments = ["--trials", "5", "--seed", "7", "--projects", "2", "--size-mb", "2", "--method", method]
+    arguments += ["--keys", str(keys)]
     completed = subprocess.run(
         [sys.executable, SCRIPT, *arguments, "--workdir", tmp_path],
         capture_output=True,

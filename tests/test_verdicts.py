@@ -120,6 +120,37 @@ def test_what_the_tool_says_without_deeplabcut_is_what_deeplabcut_does(tmp_path:
     assert not deeplabcut_reads(odd)
 
 
+@pytest.mark.parametrize("method", ["rewrite", "append"])
+def test_metrics_pickled_under_the_other_numpy_are_cured_by_the_one_command(project: Path, method: str):
+    """3.0.0rc2's numpy-1 metrics under a numpy-2 DeepLabCut (and the other way round): refused on every
+    snapshot, prefixed or not. --check says the default run will make them plain; after it DeepLabCut reads it."""
+    numpy_major = int(np.__version__.split(".")[0])
+    path = project / TRAIN / "snapshot-005.pt"
+    path.write_bytes((DATA / f"rc5-metrics-numpy{3 - numpy_major}.pt").read_bytes())  # written by the real numpy
+    original = path.read_bytes()
+    assert not deeplabcut_reads(path)
+
+    check = cli(project, "--no-model-check", "--method", method, "--check", "--json", "-")
+    assert check.returncode == 1, check.stdout + check.stderr
+    (planned,) = json.loads(check.stdout)["snapshots"]
+    said = " ".join(planned["changes"])
+    assert f"made plain numbers (DeepLabCut refuses them: they were pickled under numpy {3 - numpy_major}.x" in said
+    assert not planned["hints"] and path.read_bytes() == original
+
+    done = cli(project, "--no-model-check", "--method", method, "--json", "-")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = json.loads(done.stdout)["snapshots"]
+    assert result["changes"] == planned["changes"] and result["method"] == planned["method"]
+    assert deeplabcut_reads(path)
+    metrics = attempt_snapshot_load(path, "cpu")["metadata"]["metrics"]
+    assert all(type(v) is float for v in metrics.values()) and metrics == {
+        k: float(v)
+        for k, v in load_snapshot(DATA / f"rc5-metrics-numpy{3 - numpy_major}.pt")["metadata"]["metrics"].items()
+    }
+    assert cli("restore", project).returncode == 0
+    assert path.read_bytes() == original
+
+
 NUMPY_ELSEWHERE = {  # what a snapshot holds besides its model -> DeepLabCut's loader reads it
     "float32 in another entry": ({"scheduler": {"best": np.float32(1)}}, False),
     "float64 in another entry": ({"scheduler": {"best": np.float64(1)}}, True),
@@ -139,14 +170,15 @@ def test_numpy_values_anywhere_are_judged_as_deeplabcut_judges_them(project: Pat
     others = {entry: value for entry, value in extra.items() if entry != "model"}
     path = save_snapshot(project / TRAIN / "snapshot-001.pt", state_dict, **others)
     assert deeplabcut_reads(path) is deeplabcut_loads
+    fixable = case == "int64 as a key"  # numpy scalars in 'metadata': the default run makes them plain numbers
     for args in (["--check"], ["--method", "append"]):
         run = cli(project, "--no-model-check", "--json", "-", *args)
         (result,) = json.loads(run.stdout)["snapshots"]
         said_loadable = result["status"] != "failed" and not result["hints"]
-        assert said_loadable is deeplabcut_loads, (case, args, result)
-        assert run.returncode == (3 if not deeplabcut_loads else 1 if args == ["--check"] else 0), run.stdout
-    assert deeplabcut_reads(path) is deeplabcut_loads  # migrated: the numpy values are still there
-    fixable = case == "int64 as a key"  # numpy scalars in 'metadata' only: what --fix-metadata is for
+        assert said_loadable is (deeplabcut_loads or fixable), (case, args, result)
+        exit_code = 3 if not (deeplabcut_loads or fixable) else 1 if args == ["--check"] else 0
+        assert run.returncode == exit_code, run.stdout
+    assert deeplabcut_reads(path) is (deeplabcut_loads or fixable)  # migrated: other numpy values are still there
     done = cli(project, "--no-model-check", "--fix-metadata", "--json", "-")
     (result,) = json.loads(done.stdout)["snapshots"]
     assert (done.returncode == 0) is (deeplabcut_loads or fixable), result

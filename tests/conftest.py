@@ -20,7 +20,13 @@ SAMPLE_MADE_BY = "3.0.2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # DeepLabCut must never wait for a hub here
 
 if importlib.util.find_spec("deeplabcut") is None:  # a torch-only cell of the matrix (scripts/matrix.sh)
-    collect_ignore = ["test_deeplabcut.py", "test_diagnose_adapt.py", "test_plugin.py", "test_verdicts.py"]
+    collect_ignore = [
+        "test_deeplabcut.py",
+        "test_diagnose_adapt.py",
+        "test_plugin.py",
+        "test_verdicts.py",
+        "test_zoo.py",
+    ]
     print("conftest: deeplabcut is not installed: its modules are not collected, its tests not run")
 os.environ.setdefault("MPLBACKEND", "Agg")
 

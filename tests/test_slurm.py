@@ -217,3 +217,28 @@ def test_a_requeued_task_resumes_and_the_merge_waits_for_it(slurm: SlurmCluster,
     assert ": 60 projects, " in second and "already clean" in second  # the requeued run resumed
     assert json.loads((run / "report.json").read_text())["complete"] is True
     assert set(snapshot_states(expected).values()) == {"migrated"}
+
+
+@pytest.mark.deeplabcut
+def test_submit_migrates_an_archive_of_every_architecture(slurm: SlurmCluster, tmp_path: Path):
+    """The model zoo (tests/zoo.py) as a lab archive: the append where it keeps its promise, the rewrite elsewhere;
+    DeepLabCut judges every snapshot inside the tasks; the merged report is complete."""
+    import zoo
+
+    root = zoo.copy_zoo(tmp_path / "archive")
+    run = tmp_path / "run"
+    array, merge = submit(slurm, root, run, "--tasks", "2", "--cpus-per-task", "1")
+    tasks = slurm.wait(array, timeout=600)
+    logs = "\n".join(p.read_text() for p in (run / "logs").glob("*.log"))
+    assert sorted(tasks.values()) == [("COMPLETED", "0:0")] * 2, (tasks, logs)
+    assert slurm.wait(merge, timeout=120) == {merge: ("COMPLETED", "0:0")}, (run / "logs" / "merge.log").read_text()
+
+    report = json.loads((run / "report.json").read_text())
+    assert report["complete"] is True and report["expected_shards"] == 2
+    rows = {Path(r["path"]): r for r in report["snapshots"]}
+    assert set(rows) == set(zoo.snapshots(root))
+    assert {r["status"] for r in rows.values()} == {"fixed"}, [r for r in rows.values() if r["status"] != "fixed"]
+    assert {r["method"] for r in rows.values()} == {"append", "rewrite"}
+    assert all("DeepLabCut 3.0" in r["reason"] and " loads it" in r["reason"] for r in rows.values())
+    check = subprocess.run([sys.executable, "-m", "dlc_snapshot_fix", "migrate", str(root), "--check"], check=False)
+    assert check.returncode == 0

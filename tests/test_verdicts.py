@@ -83,7 +83,7 @@ def test_the_verdict_is_deeplabcuts_loader_not_a_plain_strict_load(multi_gpu_pro
     build_pose_model(train_dir / "pytorch_config.yaml").load_state_dict(plain["model"], strict=True)  # ... and fits
     assert not deeplabcut_reads(path)  # ... but DeepLabCut refuses it
 
-    checked = cli(project, "--check", "--json", "-")
+    checked = cli(project, "--check", "--keep-numpy-metadata", "--json", "-")
     assert checked.returncode == 3
     row = {Path(s["path"]).name: s for s in json.loads(checked.stdout)["snapshots"]}["snapshot-best-001.pt"]
     assert row["model_check"]["model"]["status"] == "refused"
@@ -92,7 +92,13 @@ def test_the_verdict_is_deeplabcuts_loader_not_a_plain_strict_load(multi_gpu_pro
     with pytest.raises(Exception, match="Weights only load failed"):
         deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[1])
 
-    fixed = cli(project, "--fix-metadata")
+    planned = cli(project, "--check", "--json", "-")  # the default cures it: DeepLabCut asked about the planned file
+    assert planned.returncode == 1, planned.stdout
+    row = {Path(s["path"]).name: s for s in json.loads(planned.stdout)["snapshots"]}["snapshot-best-001.pt"]
+    assert "made plain numbers (DeepLabCut allow-lists numpy float64 only" in " ".join(row["changes"])
+    assert row["model_check"]["model"]["status"] == "ok" and not row["hints"]
+
+    fixed = cli(project)
     assert fixed.returncode == 0, fixed.stdout
     assert deeplabcut_reads(path)
     deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[1])

@@ -88,6 +88,7 @@ class ArchiveReport:
                         "path": str(result.path),
                         "status": result.status.value,
                         "method": result.method,
+                        "method_note": result.method_note,
                         "reason": result.describe(),
                         "size": result.size,
                         "sha256_before": result.sha256_before,
@@ -121,7 +122,7 @@ class ArchiveReport:
         for row in self.rows():
             if row.get("method") and row["status"] in (Status.FIXED.value, Status.NEEDS_FIX.value):
                 methods[row["method"]] = methods.get(row["method"], 0) + 1
-        if len(methods) > 1 or "append" in methods:  # the append was asked for: say where it was (or will be) used
+        if "append" in methods or any(row.get("method_note") for row in self.rows()):  # the append was asked for
             text += f" ({methods.get('append', 0)} by append, {methods.get('rewrite', 0)} by rewrite)"
         return (
             f"archive {self.root} (shard {self.shard}): {len(self.projects)} projects, {text}, "

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from conftest import wrapped_state_dict
 
 SAMPLE = Path(__file__).parents[1] / "sample_project"
 PROJECTS = {False: "single animal", True: "multi animal"}
@@ -187,25 +188,17 @@ def _build_member(root: Path, member: Member) -> None:
 
 def _save(path: Path, model: torch.nn.Module, member: Member, optimizer: bool) -> None:
     """``model`` saved as ``member``'s run saved it: through its wrappers, with rc5's numpy metrics."""
-    wrapped = model
-    for wrapper in reversed(member.wrappers):
-        if wrapper == "dp":
-            wrapped = torch.nn.DataParallel(wrapped)
-        else:
-            shell = torch.nn.Module()
-            shell._orig_mod = wrapped  # what torch.compile's OptimizedModule holds
-            wrapped = shell
     snapshot = {
         "metadata": {
             "epoch": EPOCH,
             "metrics": {"test.rmse": np.float64(3.25), "test.mAP": np.float64(0.5)},
             "losses": {"train.total_loss": np.float64(0.01)},
         },
-        "model": wrapped.state_dict(),
+        "model": wrapped_state_dict(model, *member.wrappers),
     }
-    if optimizer:
-        adamw = torch.optim.AdamW(wrapped.parameters(), lr=5e-4)
-        for parameter in wrapped.parameters():
+    if optimizer:  # (a wrapper holds the model's own parameters, in the same order)
+        adamw = torch.optim.AdamW(model.parameters(), lr=5e-4)
+        for parameter in model.parameters():
             parameter.grad = torch.zeros_like(parameter)
         adamw.step()
         scheduler = torch.optim.lr_scheduler.MultiStepLR(adamw, milestones=[90, 120])

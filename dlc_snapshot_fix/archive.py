@@ -114,15 +114,16 @@ class ArchiveReport:
         return ExitCode.OK
 
     def summary(self) -> str:
+        rows = self.rows()
         counts: dict[str, int] = {}
-        for row in self.rows():
+        for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no snapshots"
         methods: dict[str, int] = {}
-        for row in self.rows():
+        for row in rows:
             if row.get("method") and row["status"] in (Status.FIXED.value, Status.NEEDS_FIX.value):
                 methods[row["method"]] = methods.get(row["method"], 0) + 1
-        if "append" in methods or any(row.get("method_note") for row in self.rows()):  # the append was asked for
+        if "append" in methods or any(row.get("method_note") for row in rows):  # the append was asked for
             text += f" ({methods.get('append', 0)} by append, {methods.get('rewrite', 0)} by rewrite)"
         return (
             f"archive {self.root} (shard {self.shard}): {len(self.projects)} projects, {text}, "

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from dlc_snapshot_fix import pickled, transforms, zipappend
+from dlc_snapshot_fix import transforms
 from dlc_snapshot_fix.discover import ProjectError, SnapshotFile, discover_project, read_yaml
 from dlc_snapshot_fix.reading import SnapshotReadError, load_snapshot
-from dlc_snapshot_fix.verify import ModelCheck, ModelChecker, judge_numpy_values
+from dlc_snapshot_fix.verify import ModelCheck, ModelChecker, judge_numpy_values, numpy_dialect_of
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _diagnose(
     source = snapshot_file.path if snapshot_file.role != "exported" else None
     diagnosis.model_check = checker.check(snapshot_file, fixed, entry, against=against, source=source)
     hint, note = judge_numpy_values(
-        transforms.numpy_values(snapshot), [diagnosis.model_check], _numpy_dialect_of(snapshot_file.path)
+        transforms.numpy_values(snapshot), [diagnosis.model_check], numpy_dialect_of(snapshot_file.path)
     )
     diagnosis.hints += [hint] if hint else []
     diagnosis.notes += [note] if note else []
@@ -222,14 +222,6 @@ def _diagnose(
     diagnosis.checked_against = str(config_path) if config_path else None
     configured = heatmap_count(_model_section(config_path)) if config_path else None
     diagnosis.cause, diagnosis.fix = likely_cause(diagnosis.model_check, diagnosis.prefixes, configured)
-
-
-def _numpy_dialect_of(path: Path) -> str | None:
-    try:
-        layout = zipappend.read_layout(path)
-        return pickled.numpy_dialect(zipappend.read_member(path, layout, layout.pickle_record()))
-    except (zipappend.NotAppendable, OSError):
-        return None
 
 
 def _model_section(pytorch_config: Path) -> Mapping[str, Any] | None:

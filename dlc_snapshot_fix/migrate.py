@@ -260,7 +260,7 @@ def _plan(snapshot_file: SnapshotFile, options: MigrationOptions, write: bool) -
             return recorded
         torch_only = recorded.method_note or "an exported model is rewritten by torch, which its model check reads"
     snapshot = load_snapshot(snapshot_file.path, trust=options.trust)
-    plan = _transform(snapshot_file, snapshot, options, _numpy_dialect_of(snapshot_file.path))
+    plan = _transform(snapshot_file, snapshot, options, lambda: verify.numpy_dialect_of(snapshot_file.path))
     if recorded is not None:
         plan.expected_records, plan.make_pickle, plan.layout = recorded.fixed, recorded.make_pickle, recorded.layout
     if plan.changes and options.method == "append":
@@ -272,7 +272,7 @@ def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write
     """The plan from the torch-free reader, tensors as records; the new ``data.pkl`` is made now if it is to be
     written (a pickle that cannot be made then goes to torch), else when a check first needs it."""
     recorded = read_recorded(snapshot_file.path)
-    plan = _transform(snapshot_file, recorded.snapshot, options, pickled.numpy_dialect(recorded.pickle))
+    plan = _transform(snapshot_file, recorded.snapshot, options, lambda: pickled.numpy_dialect(recorded.pickle))
     plan.layout = recorded.layout
     fixed, order = plan.fixed, recorded.storage_order
     if plan.changes and write:  # made now: a pickle that cannot be made sends the snapshot to torch's rewrite
@@ -318,23 +318,14 @@ def _kilobytes(size: int) -> str:
     return f"{size / 1024:,.1f} KiB"
 
 
-def _numpy_dialect_of(path: Path) -> str | None:
-    """The numpy whose names a zip snapshot's pickle uses (:func:`pickled.numpy_dialect`); ``None`` if unknown."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            (name,) = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            return pickled.numpy_dialect(archive.read(name))
-    except Exception:  # legacy format, or a zip only torch reads: unknown
-        return None
-
-
-def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOptions, dialect: str | None) -> _Plan:
+def _transform(
+    snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOptions, dialect: Callable[[], str | None]
+) -> _Plan:
     """Pure: every change the options ask for, applied to a loaded (or recorded) snapshot.
 
-    ``dialect`` is the numpy whose names the original's pickle uses: whether DeepLabCut
-    refuses numpy metadata depends on it (:func:`verify.deeplabcut_refuses_metadata`).
+    ``dialect`` tells the numpy whose names the original's pickle uses: whether DeepLabCut
+    refuses numpy metadata depends on it (:func:`verify.deeplabcut_refuses_metadata`). It
+    is asked only where ``metadata`` holds numpy values (it reads the whole pickle).
     """
     transforms.check_nesting(snapshot)
     if not isinstance(snapshot, dict):
@@ -346,7 +337,7 @@ def _transform(snapshot_file: SnapshotFile, snapshot: Any, options: MigrationOpt
     changes = [f"stripped {' + '.join(map(repr, s.prefixes))} from {s.entry!r} ({s.key_count} keys)" for s in stripped]
     numpy_found = transforms.numpy_values(fixed)
     if "metadata" in numpy_found and options.fix_metadata is not False:
-        refused = verify.deeplabcut_refuses_metadata(numpy_found["metadata"], dialect)
+        refused = verify.deeplabcut_refuses_metadata(numpy_found["metadata"], dialect())
         if options.fix_metadata or refused:
             fixed, count = transforms.numpy_metadata_to_python(fixed)
             if count:

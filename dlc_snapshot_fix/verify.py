@@ -297,6 +297,15 @@ def running_numpy_dialect() -> str:
     return "numpy 2.x" if int(numpy.__version__.split(".")[0]) >= 2 else "numpy 1.x"
 
 
+def numpy_dialect_of(path: Path) -> str | None:
+    """The numpy whose names a zip snapshot's pickle uses (:func:`pickled.numpy_dialect`); ``None`` if unknown."""
+    try:
+        layout = zipappend.read_layout(path)
+        return pickled.numpy_dialect(zipappend.read_member(path, layout, layout.pickle_record()))
+    except (zipappend.NotAppendable, OSError):
+        return None
+
+
 def deeplabcut_refuses_metadata(names: Iterable[str], dialect: str | None) -> str | None:
     """Why DeepLabCut 3.0.x, running with this numpy, refuses the numpy scalars ``metadata`` holds, or ``None``.
 

@@ -91,13 +91,28 @@ def project_skeleton(project: Path) -> Path:
     return project
 
 
-def make_template(root: Path, count: int, big_gb: float, per_project: int = 4) -> int:
-    """``count`` ResNet-50 snapshots, ``per_project`` to a project (and one of ``big_gb`` GB); the snapshot size."""
+def pose_config(net_type: str, folder: Path) -> Path:
+    """sample_project's ``pytorch_config.yaml``, or DeepLabCut's own for another ``net_type`` (for its project)."""
+    if net_type == "resnet_50":
+        return next((REPO / "sample_project").glob("dlc-models-pytorch/*/*/train/pytorch_config.yaml"))
+    from deeplabcut.pose_estimation_pytorch.config.make_pose_config import make_pytorch_pose_config
+    from deeplabcut.utils.auxiliaryfunctions import read_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "pytorch_config.yaml"
+    project = read_config(str(REPO / "sample_project" / "config.yaml"))
+    make_pytorch_pose_config(project, config, net_type=net_type, save=True)
+    return config
+
+
+def make_template(root: Path, count: int, big_gb: float, per_project: int = 4, net_type: str = "resnet_50") -> int:
+    """``count`` snapshots of ``net_type`` (DeepLabCut's pose model, saved through DataParallel), ``per_project``
+    to a project (and one of ``big_gb`` GB); the snapshot size."""
     import torch
 
     from dlc_snapshot_fix.testing import build_pose_model
 
-    config = next((REPO / "sample_project").glob("dlc-models-pytorch/*/*/train/pytorch_config.yaml"))
+    config = pose_config(net_type, root / ".config")
     state = torch.nn.DataParallel(build_pose_model(config)).state_dict()
     first = None
     for i in range(count):

@@ -12,10 +12,13 @@ process buys anything on this machine (it decides whether snapshots within one p
 be spread over processes too).
 
     python benchmarks/bench_processes.py [--count 16] [--repeat 3] [--scale 16,64,256] [--big-gb 1.2] [--out DIR]
+                                         [--net-type hrnet_w32]
 
 The archive: ``--count`` snapshots with the ResNet-50 pose model's key set and shapes from
 ``sample_project`` (~95 MB each, saved as a two-GPU DeepLabCut 3.0.0rc5 run saved them), 4 per
-project. Then one snapshot of ``--big-gb`` GB (default 1.2), rewritten and appended once each
+project; ``--net-type`` another pose model DeepLabCut builds from its own config (HRNet-w32:
+~117 MB, 1,834 keys, a ``data.pkl`` of ~0.33 MB, which the append leaves to the rewrite).
+Then one snapshot of ``--big-gb`` GB (default 1.2), rewritten and appended once each
 (peak RSS must not grow with the snapshot). The scale runs use small snapshots (one conv layer,
 ~40 KB) to reach 256 cheaply; besides the time per snapshot it prints what each snapshot
 added beyond the previous, smaller archive (the start-up is spread over the first).
@@ -116,24 +119,32 @@ def main() -> None:
     parser.add_argument("--scale", default="16,64,256")
     parser.add_argument("--big-gb", type=float, default=1.2, help="also one snapshot of this many GB (0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--net-type", default="resnet_50", help="the archive's pose model, as DeepLabCut builds it (e.g. hrnet_w32)"
+    )
     parser.add_argument("--make", nargs=3, metavar=("KIND", "DIR", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make:  # in a child process: this one must stay small (see build)
         kind, folder, count = args.make
         if kind == "big":
             make_template(Path(folder), 0, float(count))
+        elif kind == "small":
+            small_archive(Path(folder), int(count))
         else:
-            make_template(Path(folder), int(count), 0) if kind == "resnet" else small_archive(Path(folder), int(count))
+            make_template(Path(folder), int(count), 0, net_type=kind)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     cache = settle_cache()
     with tempfile.TemporaryDirectory(dir=REPO / "benchmarks", prefix=".bench-") as scratch:
         scratch = Path(scratch)
         template, work = scratch / "template", scratch / "archive"
-        build("resnet", template, args.count)
+        build(args.net_type, template, args.count)
         size = max(p.stat().st_size for p in template.rglob("*.pt"))
         total = sum(p.stat().st_size for p in template.rglob("*.pt"))
-        print(f"{args.count} snapshots of {size / 1e6:.1f} MB ({total / 1e9:.2f} GB), page cache {cache}", flush=True)
+        print(
+            f"{args.count} {args.net_type} snapshots of {size / 1e6:.1f} MB ({total / 1e9:.2f} GB), page cache {cache}",
+            flush=True,
+        )
         rows = [
             measure("cp -a of the archive", ["cp", "-a", str(template), str(work)], None, work, args.repeat),
             measure("seed script", [PYTHON, "-c", SEED_SCRIPT, str(work)], template, work, args.repeat),
@@ -195,6 +206,7 @@ def main() -> None:
                 scale.append({"method": name, "count": count, **row})
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "net_type": args.net_type,
         "page_cache": cache,
         "snapshots": args.count,
         "snapshot_bytes": size,
@@ -204,7 +216,8 @@ def main() -> None:
         "scale_added_ms_per_snapshot": marginal_costs(scale),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(scale, args.out / "scale.png")
+    if scale:
+        plot(scale, args.out / "scale.png")
     print("\n| command | time (s) | peak RSS (MiB) |\n| --- | ---: | ---: |")
     for row in rows:
         print(f"| {row['name']} | {row['seconds']:.3f} | {row['peak_rss'] / 2**20:.0f} |")

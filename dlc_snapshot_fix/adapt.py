@@ -5,8 +5,10 @@ which also hides real errors. Here the target model is built from its
 ``pytorch_config.yaml``; every key of the source whose name and shape fit is kept;
 the others are dropped and listed, and the target's own freshly initialised tensors take
 their place, so the result loads strictly (as ``snapshot_path``) or backbone-first (as
-``train_settings.weight_init``). Anything outside the heads that does not fit (another
-net_type) is refused unless explicitly allowed. The source file is never written.
+``train_settings.weight_init``). Anything outside the heads that does not fit is refused
+unless explicitly allowed, and the refusal says which case it is: other names (another
+net_type), or the same names with other shapes (parts sized by the bodyparts: AnimalTokenPose's
+keypoint tokens, CTD's conditioning layers). The source file is never written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from dlc_snapshot_fix import keys, store, transforms
+from dlc_snapshot_fix.diagnose import heatmap_count
 from dlc_snapshot_fix.reading import load_snapshot
 from dlc_snapshot_fix.verify import build_pose_model, model_config_from
 
@@ -41,6 +44,11 @@ class AdaptPlan:
     @property
     def outside_heads(self) -> list[str]:
         return sorted({k for k in (*self.reinitialised, *self.dropped) if not k.startswith(HEAD)})
+
+    @property
+    def resized_outside_heads(self) -> list[str]:
+        """Keys outside the heads both sides have, with other shapes: the same network, parts sized by bodyparts."""
+        return sorted(k for k in set(self.reinitialised) & set(self.dropped) if not k.startswith(HEAD))
 
 
 def plan_adaptation(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> AdaptPlan:
@@ -81,6 +89,17 @@ def adapt_snapshot(
     stripped, _ = transforms.strip_wrapper_prefixes(snapshot, ("model",))
     target = build_pose_model(model_config).state_dict()
     plan = plan_adaptation(stripped["model"], target)
+    changes = [(k, tuple(stripped["model"][k].shape), tuple(target[k].shape)) for k in plan.resized_outside_heads]
+    by_bodyparts = plan.outside_heads == plan.resized_outside_heads and keys.resized_by_a_count(
+        changes, heatmap_count(model_config)
+    )
+    if plan.outside_heads and not allow_non_head and by_bodyparts:
+        raise AdaptRefusedError(
+            f"{source} is the network {target_config} describes, but {len(changes)} tensor(s) outside the heads "
+            f"have other shapes ({keys.shape_changes(changes)}): parts sized by the bodyparts (AnimalTokenPose's "
+            "keypoint tokens, CTD's conditioning layers). Nothing was written. --allow-non-head re-initialises "
+            f"them too; the {len(plan.kept)} tensors that fit are kept"
+        )
     if plan.outside_heads and not allow_non_head:
         shown = ", ".join(f"{m}: {n}" for m, n in keys.group_by_module(plan.outside_heads).items())
         raise AdaptRefusedError(

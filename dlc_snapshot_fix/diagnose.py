@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dlc_snapshot_fix import transforms
+from dlc_snapshot_fix import keys, transforms
 from dlc_snapshot_fix.discover import ProjectError, SnapshotFile, discover_project, read_yaml
 from dlc_snapshot_fix.reading import SnapshotReadError, load_snapshot
 from dlc_snapshot_fix.verify import ModelCheck, ModelChecker, judge_numpy_values, numpy_dialect_of
@@ -146,6 +146,14 @@ def likely_cause(
         *(k for k, _, _ in check.shape_mismatches),
     ]
     outside_heads = sorted({k for k in problem_keys if not k.startswith(HEAD)})
+    resized = [(k, have, want) for k, have, want in check.shape_mismatches if not k.startswith(HEAD)]
+    if outside_heads and len(resized) == len(outside_heads) and keys.resized_by_a_count(resized, configured_bodyparts):
+        return (
+            wrapped + f"The network is the same, but {len(resized)} tensor(s) outside the heads have other shapes "
+            f"({keys.shape_changes(resized)}): parts sized by the bodyparts (AnimalTokenPose's keypoint tokens, "
+            "CTD's conditioning layers), so the bodypart count changed.",
+            "dlc-snapshot-fix adapt SNAPSHOT --target TARGET_PYTORCH_CONFIG --output NEW.pt --allow-non-head",
+        )
     if outside_heads:
         return (
             wrapped + f"The backbone (or neck) does not match ({', '.join(outside_heads[:3])}"
@@ -259,4 +267,7 @@ def diagnose(path: Path, *, against: Path | None = None, shuffle: int | None = N
         sibling = path.parent / "pytorch_config.yaml"
         single = SnapshotFile(path, "pose", sibling if sibling.is_file() else None)
         return [diagnose_file(single, checker, target)]
-    return [diagnose_file(f, checker, target) for f in discover_project(path).snapshots if f.role != "detector"]
+    snapshots = discover_project(path).snapshots
+    if target is not None:  # --against names a pose model: a detector snapshot is not checked against it
+        snapshots = [f for f in snapshots if f.role != "detector"]
+    return [diagnose_file(f, checker, target) for f in snapshots]

@@ -122,3 +122,31 @@ def group_by_module(keys: Iterable[str], depth: int = 3) -> dict[str, int]:
         module = ".".join(parts[: min(depth, max(len(parts) - 1, 1))])
         groups[module] = groups.get(module, 0) + 1
     return groups
+
+
+def shape_changes(changes: Iterable[tuple[str, Any, Any]], shown: int = 2) -> str:
+    """``key (1, 2, 192) in the snapshot, (1, 3, 192) in the model`` for the first few, and how many more."""
+    changes = list(changes)
+    text = "; ".join(
+        f"{key} {tuple(have)} in the snapshot, {tuple(want)} in the model" for key, have, want in changes[:shown]
+    )
+    return text + (f"; {len(changes) - shown} more" if len(changes) > shown else "")
+
+
+def resized_by_a_count(changes: Iterable[tuple[str, Any, Any]], configured: int | None = None) -> bool:
+    """Whether every shape change is one count becoming another (the bodypart count), and nothing else.
+
+    AnimalTokenPose's keypoint tokens and CTD's conditioning layers have a dimension per
+    bodypart: reused for another bodypart set, each differs only where N became M, the same
+    N and M everywhere (M the model's bodypart count where its config says). Another width of
+    the same family (HRNet-w32 against w48) changes many sizes, so it is not taken for this.
+    """
+    pairs = set()
+    for _, have, want in changes:
+        if len(have) != len(want):
+            return False
+        pairs |= {(h, w) for h, w in zip(have, want, strict=True) if h != w}
+    if len(pairs) != 1:
+        return False
+    _, want = next(iter(pairs))
+    return configured is None or want == configured

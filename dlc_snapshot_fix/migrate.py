@@ -275,11 +275,12 @@ def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write
     plan = _transform(snapshot_file, recorded.snapshot, options, lambda: pickled.numpy_dialect(recorded.pickle))
     plan.layout = recorded.layout
     fixed, order = plan.fixed, recorded.storage_order
+    dialect = pickled.scalar_dialect(recorded.pickle) if plan.numpy_found else None  # numpy kept: under its names
     if plan.changes and write:  # made now: a pickle that cannot be made sends the snapshot to torch's rewrite
-        new_pickle = pickled.dumps(fixed, order)
+        new_pickle = pickled.dumps(fixed, order, dialect)
         plan.make_pickle = lambda: new_pickle
     elif plan.changes:
-        plan.make_pickle = lambda: pickled.dumps(fixed, order)
+        plan.make_pickle = lambda: pickled.dumps(fixed, order, dialect)
     else:
         plan.make_pickle = lambda: recorded.pickle
     fast = options.method == "append" and not (options.rename_legacy_best and snapshot_file.legacy_best)

@@ -305,10 +305,11 @@ class _RecordPickler(pickle._Pickler):
 
     dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
 
-    def __init__(self, stream: io.BytesIO):
+    def __init__(self, stream: io.BytesIO, numpy_dialect: str | None = None):
         super().__init__(stream, protocol=2)
         self.storage_order: list[str] = []
         self._seen: set[str] = set()
+        self._scalar_module = SCALAR_MODULES.get(numpy_dialect or "")
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is StorageRecord:
@@ -337,6 +338,14 @@ class _RecordPickler(pickle._Pickler):
         else:
             super().save(obj, save_persistent_id)
 
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        """numpy's scalar under the name the original pickle gave it (a numpy-1.x file stays one under numpy 2)."""
+        if self._scalar_module is not None and obj is _numpy_names()[1]:
+            self.write(pickle.GLOBAL + f"{self._scalar_module}\nscalar\n".encode())
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
     def save_torch_name(self, obj: TorchName) -> None:
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
         self.memoize(obj)
@@ -344,15 +353,17 @@ class _RecordPickler(pickle._Pickler):
     dispatch[TorchName] = save_torch_name
 
 
-def dumps(obj: Any, expected_storage_order: list[str]) -> bytes:
+def dumps(obj: Any, expected_storage_order: list[str], numpy_dialect: str | None = None) -> bytes:
     """Pickle ``obj`` as torch.save does (protocol 2), checking storages keep their order.
 
     torch may compute storage offsets assuming storages are first referenced in file
     order; a pickle that referenced them in another order could load wrong tensors, so
-    a different order is an error, never written.
+    a different order is an error, never written. ``numpy_dialect`` (see
+    :func:`numpy_dialect`): the numpy whose names numpy scalars are written under, as the
+    original had them (default: the running numpy's).
     """
     stream = io.BytesIO()
-    pickler = _RecordPickler(stream)
+    pickler = _RecordPickler(stream, numpy_dialect)
     try:
         pickler.dump(obj)
     except NotRecordable:
@@ -372,7 +383,7 @@ def require_canonical(obj: Any, order: list[str], data: bytes) -> None:
     pickler writes for the objects read holds none of those tricks, so what was read is
     what torch reads. Anything else goes to torch's own loader.
     """
-    if dumps(obj, order) != data:
+    if dumps(obj, order, scalar_dialect(data)) != data:
         raise NotRecordable("its data.pkl is not exactly what torch.save writes for what it holds")
 
 
@@ -389,6 +400,15 @@ def records_in(obj: Any) -> list[TensorRecord]:
         elif isinstance(value, (list, tuple)):
             stack.extend(reversed(value))
     return found
+
+
+SCALAR_MODULES = {"numpy 1.x": "numpy.core.multiarray", "numpy 2.x": "numpy._core.multiarray"}
+"""Where each numpy's pickles name the scalar reconstructor."""
+
+
+def scalar_dialect(data: bytes) -> str | None:
+    """:func:`numpy_dialect`, read only from a pickle that names numpy's scalar at all (most snapshots do not)."""
+    return numpy_dialect(data) if b"multiarray\nscalar\n" in data else None
 
 
 def numpy_dialect(data: bytes) -> str | None:

@@ -105,27 +105,49 @@ def write_video(path: Path, bodyparts: tuple[str, ...]) -> None:
     writer.release()
 
 
-def set_bodyparts(config: Path, bodyparts: tuple[str, ...]) -> None:
+INDIVIDUALS = ("mouse1", "mouse2")
+"""A multi-animal sample's individuals: the second is the first mirrored through the frame's centre."""
+
+
+def set_bodyparts(config: Path, bodyparts: tuple[str, ...], multi_animal: bool = False) -> None:
     from deeplabcut.utils.auxiliaryfunctions import edit_config
 
-    edit_config(str(config), {"bodyparts": list(bodyparts), "numframes2pick": 8})
+    if multi_animal:
+        edits = {"multianimalbodyparts": list(bodyparts), "individuals": list(INDIVIDUALS), "uniquebodyparts": []}
+    else:
+        edits = {"bodyparts": list(bodyparts)}
+    edit_config(str(config), {**edits, "numframes2pick": 8})
 
 
-def write_labels(config: Path, scorer: str, bodyparts: tuple[str, ...]) -> None:
+def _individual_position(frame: int, bodypart: str, individual: int) -> tuple[float, float]:
+    x, y = dot_positions(frame)[bodypart]
+    return (x, y) if individual == 0 else (SIZE - 1 - x, SIZE - 1 - y)
+
+
+def write_labels(config: Path, scorer: str, bodyparts: tuple[str, ...], multi_animal: bool = False) -> None:
     """Label every extracted frame with the exact dot positions, as a user would."""
     import pandas as pd
 
     project = config.parent
+    individuals = INDIVIDUALS if multi_animal else ("",)
     for folder in (project / "labeled-data").iterdir():
         images = sorted(folder.glob("img*.png"))
         index = pd.MultiIndex.from_tuples([("labeled-data", folder.name, image.name) for image in images])
-        columns = pd.MultiIndex.from_product(
-            [[scorer], list(bodyparts), ["x", "y"]], names=["scorer", "bodyparts", "coords"]
-        )
+        if multi_animal:
+            columns = pd.MultiIndex.from_product(
+                [[scorer], list(individuals), list(bodyparts), ["x", "y"]],
+                names=["scorer", "individuals", "bodyparts", "coords"],
+            )
+        else:
+            columns = pd.MultiIndex.from_product(
+                [[scorer], list(bodyparts), ["x", "y"]], names=["scorer", "bodyparts", "coords"]
+            )
         rows = []
         for image in images:
             frame = int(image.stem.removeprefix("img"))
-            rows.append([c for bp in bodyparts for c in dot_positions(frame)[bp]])
+            rows.append(
+                [c for i in range(len(individuals)) for bp in bodyparts for c in _individual_position(frame, bp, i)]
+            )
         frame_labels = pd.DataFrame(rows, index=index, columns=columns)
         frame_labels.to_hdf(folder / f"CollectedData_{scorer}.h5", key="df_with_missing")
         frame_labels.to_csv(folder / f"CollectedData_{scorer}.csv")
@@ -144,9 +166,19 @@ def copy_project(source: Path, destination: Path, ignore: Any = None) -> Path:
     return destination
 
 
-def make_sample_project(destination: Path, bodyparts: tuple[str, ...] = BODYPARTS) -> Path:
-    """A tiny real project at ``destination``: DeepLabCut's own files, frames labelled from the known dots."""
+def make_sample_project(
+    destination: Path,
+    bodyparts: tuple[str, ...] = BODYPARTS,
+    *,
+    multi_animal: bool = False,
+    net_type: str = "resnet_50",
+) -> Path:
+    """A tiny real project at ``destination``: DeepLabCut's own files, frames labelled from the known dots.
+
+    ``multi_animal``: two individuals (the second mirrored), DeepLabCut's multi-animal layout.
+    """
     import deeplabcut
+    from deeplabcut.core.engine import Engine  # where every 3.0 release has it (rc2 exports no deeplabcut.Engine)
 
     if destination.exists():
         raise SystemExit(f"{destination} exists; remove it first")
@@ -154,16 +186,16 @@ def make_sample_project(destination: Path, bodyparts: tuple[str, ...] = BODYPART
         video = Path(scratch) / "dots.mp4"
         write_video(video, bodyparts)
         created = deeplabcut.create_new_project(
-            "dots", "lab", [str(video)], working_directory=scratch, copy_videos=True
+            "dots", "lab", [str(video)], working_directory=scratch, copy_videos=True, multianimal=multi_animal
         )
         config = Path(created)
-        set_bodyparts(config, bodyparts)
+        set_bodyparts(config, bodyparts, multi_animal)
         deeplabcut.extract_frames(str(config), mode="automatic", algo="uniform", userfeedback=False)
-        write_labels(config, scorer="lab", bodyparts=bodyparts)
+        write_labels(config, scorer="lab", bodyparts=bodyparts, multi_animal=multi_animal)
         deeplabcut.create_training_dataset(
             str(config),
-            net_type="resnet_50",
-            engine=deeplabcut.Engine.PYTORCH,
+            net_type=net_type,
+            engine=Engine.PYTORCH,
             userfeedback=False,
         )
         copy_project(config.parent, destination)

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,9 +23,11 @@ import deeplabcut
 import pytest
 import torch
 from conftest import train_dir_of
+from deeplabcut.core.config import read_config_as_dict
 
 from dlc_snapshot_fix import load_snapshot
-from dlc_snapshot_fix.testing import copy_project
+from dlc_snapshot_fix.testing import copy_project, make_sample_project, save_like_multi_gpu_rc5
+from dlc_snapshot_fix.verify import build_detector, build_pose_model
 
 pytestmark = pytest.mark.deeplabcut
 
@@ -75,6 +78,57 @@ def test_migration_makes_evaluate_network_work_and_restore_undoes_it(multi_gpu_p
     assert {name: (train_dir / name).read_bytes() for name in names} == originals
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\)"):
         evaluate(config)
+
+
+SAMPLE = Path(__file__).parents[1] / "sample_project"
+
+
+def _top_down_project(root: Path) -> tuple[Path, int]:
+    """sample_project with a second shuffle: top-down ResNet-50 behind DeepLabCut's SSDLite detector."""
+    project = copy_project(SAMPLE, root / "top down", ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix"))
+    deeplabcut.create_training_dataset(
+        str(project / "config.yaml"),
+        Shuffles=[2],
+        net_type="top_down_resnet_50",
+        detector_type="ssdlite",
+        engine=deeplabcut.Engine.PYTORCH,
+        userfeedback=False,
+    )
+    return project, 2
+
+
+def _multi_animal_project(root: Path) -> tuple[Path, int]:
+    """A two-mouse project made by DeepLabCut (multi-animal ResNet-50 with part-affinity fields)."""
+    return make_sample_project(root / "multi animal", multi_animal=True), 1
+
+
+@pytest.mark.parametrize("make", [_top_down_project, _multi_animal_project], ids=["top-down", "multi-animal"])
+def test_evaluate_network_works_after_the_one_command_on_top_down_and_multi_animal_projects(make, tmp_path: Path):
+    """The pose snapshot and (top-down) the detector's, saved as a two-GPU rc5 run saved them: DeepLabCut's
+    evaluate_network refuses them, one run fixes both, it evaluates; restore gives back every byte."""
+    project, shuffle = make(tmp_path)
+    train_dir = next(project.glob(f"dlc-models-pytorch/iteration-0/*shuffle{shuffle}/train"))
+    config = read_config_as_dict(str(train_dir / "pytorch_config.yaml"))
+    torch.manual_seed(0)
+    save_like_multi_gpu_rc5(train_dir / "snapshot-005.pt", build_pose_model(config["model"]), {"metadata": {}})
+    if config.get("detector"):
+        detector = build_detector(config["detector"]["model"])
+        save_like_multi_gpu_rc5(train_dir / "snapshot-detector-005.pt", detector, {"metadata": {}})
+    originals = snapshot_states(train_dir)
+    assert len(originals) == (2 if config.get("detector") else 1)
+
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key\(s\).*Unexpected key\(s\).*\"module\."):
+        deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[shuffle])
+    migrated = cli(project)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert f"summary: {len(originals)} fixed" in migrated.stdout
+    assert migrated.stdout.count(f"DeepLabCut {deeplabcut.__version__} loads it") == len(originals)
+    deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[shuffle])
+    assert list(project.glob(f"evaluation-results-pytorch/iteration-0/*shuffle{shuffle}/*-results.csv"))
+    assert cli("restore", project).returncode == 0
+    assert {name: content for name, (content, _) in snapshot_states(train_dir).items()} == {
+        name: content for name, (content, _) in originals.items()
+    }
 
 
 def test_check_mode_reports_the_real_project_without_writing(multi_gpu_project: Path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import train_dir_of, train_one_epoch
 
-from dlc_snapshot_fix import load_snapshot
+from dlc_snapshot_fix import keys, load_snapshot
 from dlc_snapshot_fix.diagnose import likely_cause
 from dlc_snapshot_fix.testing import build_pose_model, copy_project
 from dlc_snapshot_fix.verify import ModelCheck
@@ -39,6 +39,23 @@ def test_likely_cause_names_the_head_and_the_bodypart_counts():
     cause, fix = likely_cause(ModelCheck("mismatch", missing={"backbone.model.layer4.0.w": 1}), (), 3)
     assert "different network (net_type)" in cause and fix is None
     assert backbone.summary().startswith("missing keys (backbone.model.layer4: 3)")
+
+
+def test_a_count_that_changed_outside_the_heads_is_told_from_another_network():
+    """AnimalTokenPose's keypoint tokens and CTD CoAM's conditions (real shapes from the zoo, 2 -> 3 bodyparts)
+    are the same network; HRNet-w32's widths against w48's, or a change of rank, are not."""
+    tokens = [("neck.keypoint_token", (1, 2, 192), (1, 3, 192))]
+    coam = [("backbone.coam.cnn_cond.weight", (2, 2, 3, 3), (3, 3, 3, 3)), ("backbone.coam.q.weight", (32, 2), (32, 3))]
+    assert keys.resized_by_a_count(tokens, configured=3) and keys.resized_by_a_count(coam)
+    assert not keys.resized_by_a_count(tokens, configured=4)  # not the model's bodypart count
+    widths = [("backbone.stage2.0.weight", (32, 32, 3, 3), (48, 48, 3, 3)), ("backbone.stage3.0.weight", (64,), (96,))]
+    assert not keys.resized_by_a_count(widths)
+    assert not keys.resized_by_a_count([("neck.token", (1, 2, 192), (2, 192))])
+    cause, fix = likely_cause(ModelCheck("mismatch", shape_mismatches=tokens), ("module.",), configured_bodyparts=3)
+    assert "The network is the same" in cause and "neck.keypoint_token (1, 2, 192) in the snapshot" in cause
+    assert fix is not None and fix.endswith("--allow-non-head")
+    cause, fix = likely_cause(ModelCheck("mismatch", shape_mismatches=widths), (), configured_bodyparts=3)
+    assert "different network (net_type)" in cause and fix is None
 
 
 def test_inspect_adapt_and_train_a_three_bodypart_project(multi_gpu_project: Path, three_bodypart_project: Path):

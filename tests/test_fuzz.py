@@ -1,10 +1,11 @@
 """Structure-aware fuzzing: whatever a file named like a snapshot holds, the run goes on.
 
 Mutants are made from a real rc5-style snapshot (numpy float64 metrics, ``module.``
-keys): bytes changed in its zip local headers, central directory, end records, member
-names and sizes; its ``data.pkl`` opcodes changed and zipped again validly; pickles of
-arbitrary shape (types at every level, deep nesting) saved by torch. Each mutant sits
-beside a good prefixed snapshot in a project. For ``rewrite``, ``append``, ``--check``
+keys) and, where DeepLabCut is installed, from every zoo snapshot (tests/zoo.py, tensors
+cut to one element, every key and state kept): bytes changed in their zip local headers,
+central directory, end records, member names and sizes; their ``data.pkl`` opcodes changed
+and zipped again validly; pickles of arbitrary shape (types at every level, deep nesting)
+saved by torch. Each mutant sits beside a good prefixed snapshot in a project. For ``rewrite``, ``append``, ``--check``
 and ``inspect``: nothing raises, the odd file is named and never written unless it
 migrated cleanly (then ``restore`` gives its bytes back), the good snapshot is still
 migrated, and peak memory stays within the bound.
@@ -67,8 +68,34 @@ def _rc5_snapshot() -> dict:
     return {"metadata": metadata, "model": wrapped_state_dict(TinyPose(), "dp")}
 
 
+def _shrunk(obj: object) -> object:
+    """``obj`` with every tensor cut to its first element: the pickle's structure (keys, metadata,
+    optimizer and scheduler state, ``_metadata``) kept, the file a few hundred KB at most."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().reshape(-1)[:1].clone()
+    if isinstance(obj, dict):
+        shrunk = type(obj)((key, _shrunk(value)) for key, value in obj.items())
+        if hasattr(obj, "_metadata"):
+            shrunk._metadata = obj._metadata
+        return shrunk
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_shrunk(value) for value in obj)
+    return obj
+
+
+def _zoo_seeds() -> list[bytes]:
+    """A seed per zoo snapshot (tests/zoo.py: every architecture DeepLabCut builds, detectors too), where
+    DeepLabCut is installed to build it: 163 to 2,036 keys, pickles of 35 to 380 KB, AdamW and scheduler state."""
+    if not verify.deeplabcut_available():
+        return []
+    import zoo
+
+    return [_saved(_shrunk(load_snapshot(path))) for path in zoo.snapshots(zoo.cached_zoo())]
+
+
 BASE = _saved(_rc5_snapshot())
 GOOD = BASE
+SEEDS = [BASE, *_zoo_seeds()]
 
 
 def _regions(data: bytes) -> dict[str, list[tuple[int, int]]]:
@@ -91,19 +118,21 @@ def _regions(data: bytes) -> dict[str, list[tuple[int, int]]]:
     return regions
 
 
-REGIONS = _regions(BASE)
+SEED_REGIONS = [_regions(seed) for seed in SEEDS]
 CENTRAL_FIELDS = {"compressed size": 20, "size": 24, "name length": 28, "extra length": 30, "offset": 42}
 
 
 @st.composite
 def zip_mutants(draw) -> bytes:
-    """Bytes of the base snapshot changed inside one zip structure, or its sizes set to extremes."""
-    data = bytearray(BASE)
+    """Bytes of a seed snapshot changed inside one zip structure, or its sizes set to extremes."""
+    seed = draw(st.integers(0, len(SEEDS) - 1))
+    base, regions = SEEDS[seed], SEED_REGIONS[seed]
+    data = bytearray(base)
     kind = draw(st.sampled_from(["bytes", "field", "truncate"]))
     if kind == "truncate":
         return bytes(data[: draw(st.integers(0, len(data) - 1))])
     if kind == "field":
-        directory = REGIONS["central directory"][0][0]
+        directory = regions["central directory"][0][0]
         records = [i for i in range(directory, len(data) - 4) if data[i : i + 4] == b"PK\x01\x02"]
         record = draw(st.sampled_from(records))
         field = CENTRAL_FIELDS[draw(st.sampled_from(sorted(CENTRAL_FIELDS)))]
@@ -112,23 +141,28 @@ def zip_mutants(draw) -> bytes:
         value = draw(st.sampled_from([0, 1, top // 2, top]) | st.integers(0, top))
         data[record + field : record + field + width] = value.to_bytes(width, "little")
         return bytes(data)
-    start, end = draw(st.sampled_from(REGIONS[draw(st.sampled_from(sorted(REGIONS)))]))
+    start, end = draw(st.sampled_from(regions[draw(st.sampled_from(sorted(regions)))]))
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(start, max(start, end - 1)))
         patch = draw(st.binary(min_size=1, max_size=8))
         data[at : at + len(patch)] = patch
-    return bytes(data[: len(BASE)]) if draw(st.booleans()) else bytes(data)
+    return bytes(data[: len(base)]) if draw(st.booleans()) else bytes(data)
 
 
-def _rezipped(pickle: bytes) -> bytes:
-    """The base snapshot zipped again (validly, by zipfile) around another ``data.pkl``."""
+def _rezipped(pickle: bytes, base: bytes = BASE) -> bytes:
+    """A seed snapshot zipped again (validly, by zipfile) around another ``data.pkl``."""
     out = io.BytesIO()
-    rezip(io.BytesIO(BASE), out, pickle=pickle)
+    rezip(io.BytesIO(base), out, pickle=pickle)
     return out.getvalue()
 
 
-with zipfile.ZipFile(io.BytesIO(BASE)) as _archive:
-    BASE_PICKLE = _archive.read(next(n for n in _archive.namelist() if n.endswith("data.pkl")))
+def _pickle_of(data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+
+
+SEED_PICKLES = [_pickle_of(seed) for seed in SEEDS]
+BASE_PICKLE = SEED_PICKLES[0]
 
 
 @st.composite
@@ -136,7 +170,8 @@ def pickle_mutants(draw) -> bytes:
     """A valid zip whose ``data.pkl`` had opcodes replaced, inserted or deleted, or is nested deep."""
     if draw(st.integers(0, 9)) == 0:
         return _rezipped(snapshot_pickle(nested_lists(draw(st.integers(1, 200_000)))))
-    pickle = bytearray(BASE_PICKLE)
+    seed = draw(st.integers(0, len(SEEDS) - 1))
+    pickle = bytearray(SEED_PICKLES[seed])
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(0, len(pickle)))
         action = draw(st.sampled_from(["replace", "insert", "delete"]))
@@ -147,7 +182,7 @@ def pickle_mutants(draw) -> bytes:
             pickle[at:at] = patch
         else:
             del pickle[at : at + len(patch)]
-    return _rezipped(bytes(pickle))
+    return _rezipped(bytes(pickle), SEEDS[seed])
 
 
 LEAVES = (
@@ -296,6 +331,16 @@ def test_check_survives_any_odd_file_and_writes_nothing(scratch: Path, mutant: b
 @given(mutant=MUTANTS)
 def test_inspect_survives_any_odd_file(scratch: Path, mutant: bytes):
     _check_run(scratch, mutant, _inspected)
+
+
+@pytest.mark.skipif(not verify.deeplabcut_available(), reason="the zoo is built by DeepLabCut: not installed")
+def test_the_mutants_come_from_every_zoo_architecture():
+    """The seeds are the population: every zoo snapshot, HRNet-sized pickles, compiled keys, scheduler state."""
+    assert len(SEEDS) == 15
+    assert max(len(pickle) for pickle in SEED_PICKLES) > 300_000
+    assert any(b"_orig_mod." in pickle for pickle in SEED_PICKLES)
+    assert any(b"Counter" in pickle for pickle in SEED_PICKLES)
+    assert any(b"model.backbone.body" in pickle for pickle in SEED_PICKLES)  # Faster R-CNN's own names
 
 
 def test_a_dtype_state_numpy_would_crash_on_is_refused_before_numpy_sees_it(tmp_path: Path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -9,7 +13,16 @@ import pytest
 import torch
 from conftest import TRAIN, TinyPose, save_snapshot, wrapped_state_dict
 
-from dlc_snapshot_fix import load_snapshot, migrate_project, pickled, rezip, transforms, zipappend
+from dlc_snapshot_fix import (
+    load_snapshot,
+    migrate_project,
+    names,
+    pickled,
+    restore_project,
+    rezip,
+    transforms,
+    zipappend,
+)
 from dlc_snapshot_fix.reading import read_recorded
 from dlc_snapshot_fix.report import Status
 from dlc_snapshot_fix.verify import compare_snapshots
@@ -71,3 +84,90 @@ def test_a_file_not_laid_out_as_torch_writes_it_is_left_to_torch(snapshot: Path,
             target.writestr(info.filename, source.read(info))  # valid, loadable, but no padding or descriptors
     with pytest.raises(rezip.NotRezippable):
         rezip.plan(other, zipappend.read_layout(other))
+
+
+KILLED_CHILD = r"""
+import os, sys
+from pathlib import Path
+from dlc_snapshot_fix import migrate_project, rezip, store
+
+project, method, stage, cut = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+
+def killed():
+    os._exit(137)  # as SIGKILL: no handler, no clean-up, the temp file stays
+
+
+def write_cut(plan, source, temp, head, tail):
+    with open(source, "rb") as original:
+        original.seek(plan.copy_from)
+        body = original.read(plan.layout.directory_offset - plan.copy_from)
+    with open(temp, "xb") as stream:
+        stream.write((head + body + tail)[:cut])
+    killed()
+
+
+def after(real):
+    return lambda *args, **kwargs: (real(*args, **kwargs), killed())
+
+
+if stage == "temp":
+    rezip.write = write_cut
+elif stage == "backup kept":
+    store.keep_original = after(store.keep_original)
+elif stage == "before replace":
+    store.commit_temp = lambda *args: killed()
+elif stage == "after replace":
+    store.commit_temp = after(store.commit_temp)
+migrate_project(project, method=method, check_model=False)
+raise SystemExit("the migration finished: the cut was never reached")
+"""
+
+
+def hrnet_sized_state(keys: int) -> dict:
+    """``keys`` small tensors with HRNet's long names: a data.pkl of ~0.3 MB at 1,900 keys, as HRNet-w32's."""
+    state = {f"module.backbone.stage{i // 64}.branch{i % 4}.layer{i}.weight": torch.randn(3) for i in range(keys)}
+    return {**state, "module.heads.bodypart.bias": torch.randn(3)}
+
+
+@pytest.mark.parametrize(
+    ("method", "keys"),
+    [("rewrite", 9), ("rewrite", 1900), ("append", 1900)],
+    ids=["rewrite resnet-sized", "rewrite hrnet-sized", "append hrnet-sized (falls back)"],
+)
+def test_a_kill_at_any_point_of_the_rewrite_leaves_the_original_or_the_migrated_file(
+    project: Path, tmp_path: Path, method: str, keys: int
+):
+    """Killed (a real process exit, nothing cleaned up) at each step and at byte offsets through the new file:
+    the path holds the original or the migrated snapshot, the next run finishes, restore gives the original back."""
+    path = save_snapshot(project / TRAIN / "snapshot-005.pt", hrnet_sized_state(keys), optimizer={"state": {}})
+    original = path.read_bytes()
+    before, after = load_snapshot(path), transforms.strip_wrapper_prefixes(load_snapshot(path), ("model",))[0]
+    layout = zipappend.read_layout(path)
+    records, order = pickled.loads(zipappend.read_member(path, layout, layout.pickle_record()))
+    plan = rezip.plan(path, layout)
+    head, tail = rezip.build(plan, pickled.dumps(transforms.strip_wrapper_prefixes(records)[0], order))
+    size = len(head) + layout.directory_offset - plan.copy_from + len(tail)
+    if method == "append":
+        assert migrate_project(project, method="append", write=False).results[0].method == "rewrite"
+    cuts = [("backup kept", 0), ("before replace", 0), ("after replace", 0)]
+    cuts += [("temp", cut) for cut in sorted({0, 1, len(head) - 1, len(head), size // 2, size - len(tail), size - 1})]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_CHILD)
+    for stage, cut in cuts:
+        path.write_bytes(original)
+        names.manifest_path(project).unlink(missing_ok=True)
+        shutil.rmtree(names.tool_dir(project), ignore_errors=True)  # each cut starts from a project never migrated
+        child = subprocess.run(
+            [sys.executable, script, project, method, stage, str(cut)], capture_output=True, text=True, check=False
+        )
+        assert child.returncode == 137, (stage, cut, child.stdout + child.stderr)
+        now = load_snapshot(path)
+        expected = after if stage == "after replace" else before
+        assert compare_snapshots(expected, now) == [], (stage, cut)
+        rerun = migrate_project(project, method=method, check_model=False)
+        assert rerun.exit_code() == 0, (stage, cut, [r.describe() for r in rerun.results])
+        assert compare_snapshots(after, load_snapshot(path)) == [], (stage, cut)
+        assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == [], (stage, cut)  # no temp left
+        restore_project(project)
+        assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(original).digest(), (stage, cut)

@@ -10,6 +10,7 @@ the method each got; a second run changes no byte; restore gives back every orig
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import subprocess
@@ -172,3 +173,95 @@ def test_a_mixed_archive_of_every_model_migrates_with_two_jobs(cached_zoo: Path,
         assert cli("restore", root / name).returncode == 0
     for path in zoo.snapshots(root):
         assert path.read_bytes() == (cached_zoo / path.relative_to(root)).read_bytes(), path
+
+
+def test_the_plugin_loads_every_zoo_snapshot_on_each_load_path(cached_zoo: Path):
+    """DeepLabCut's snapshot loader (evaluate, analyze, resume) and ``weight_init`` (``PoseModel.build`` and
+    ``DETECTORS.build`` read the file with ``torch.load``): refused as saved, loaded with the plugin, tensors
+    bit-identical, no file changed."""
+    from deeplabcut.core.weight_init import WeightInitialization
+    from deeplabcut.pose_estimation_pytorch.models import PoseModel
+    from deeplabcut.pose_estimation_pytorch.models.detectors import DETECTORS
+    from deeplabcut.pose_estimation_pytorch.runners import base
+
+    from dlc_snapshot_fix import plugin
+    from dlc_snapshot_fix.verify import _no_backbone_download
+
+    before = file_states(cached_zoo)
+    for path, member in zoo.snapshots(cached_zoo).items():
+        detector = "detector" in path.name
+        config = read_config_as_dict(str(path.parent / "pytorch_config.yaml"))
+        expected = {stripped(key): tensor for key, tensor in load_snapshot(path)["model"].items()}
+        if detector:
+            init = WeightInitialization(snapshot_path=None, detector_snapshot_path=path)
+
+            def build(config=config, init=init):
+                with _no_backbone_download():
+                    detector_config = copy.deepcopy(config["detector"]["model"])
+                    return DETECTORS.build(detector_config, weight_init=init, pretrained=False)
+        else:
+            init = WeightInitialization(snapshot_path=path, with_decoder=False)
+
+            def build(config=config, init=init):
+                return PoseModel.build(copy.deepcopy(config["model"]), weight_init=init, pretrained_backbone=False)
+
+        with pytest.raises(RuntimeError, match=r"Missing key\(s\)|Unexpected key\(s\)"):
+            build()
+        plugin._warned.clear()
+        with plugin.enabled(), pytest.warns(plugin.PrefixedSnapshotWarning):
+            loaded = base.attempt_snapshot_load(path, "cpu")["model"]
+            built = build().state_dict()
+        deeplabcut_refusal(path, member)  # builds (and caches) the model DeepLabCut's inference builds
+        model = _models[(member.name, detector)]
+        model.load_state_dict(loaded, strict=True)
+        assert list(loaded) == list(expected), (member.name, path.name)
+        for key, tensor in expected.items():
+            assert torch.equal(as_bytes(loaded[key]), as_bytes(tensor)), (member.name, key)
+        initialised = [key for key in built if key.startswith(("backbone.", "model.backbone."))]
+        assert initialised, (member.name, path.name, list(built)[:3])
+        for key in initialised:
+            assert torch.equal(as_bytes(built[key]), as_bytes(expected[key])), (member.name, key)
+    assert file_states(cached_zoo) == before, "loading changed a file"
+
+
+def test_inspect_and_adapt_every_zoo_model_for_a_third_bodypart(cached_zoo: Path, tmp_path: Path):
+    """``inspect`` names each snapshot's wrappers (detectors too) and that it fits once stripped. Reused for a
+    project with a third bodypart: where only the heads depend on the bodyparts, ``inspect --against`` says so
+    and ``adapt`` re-initialises only them; where parts outside do (AnimalTokenPose's keypoint tokens, CTD's
+    conditioning layers), both say that, not "another network", and ``--allow-non-head`` adapts. DeepLabCut
+    loads every result strictly into the three-bodypart model; every tensor kept is bit-identical."""
+    from dlc_snapshot_fix.adapt import AdaptRefusedError, adapt_snapshot
+    from dlc_snapshot_fix.diagnose import diagnose
+
+    snapshots = zoo.snapshots(cached_zoo)
+    diagnoses = {d.path: d for name in zoo.PROJECTS.values() for d in diagnose(cached_zoo / name)}
+    assert set(diagnoses) == set(snapshots)
+    for path, member in snapshots.items():
+        found = diagnoses[path]
+        assert found.prefixes == tuple({"dp": "module.", "compile": "_orig_mod."}[w] for w in member.wrappers)
+        assert found.model_check is not None and found.model_check.status == "ok", (path, found.render())
+        assert found.fix is not None and found.fix.startswith("dlc-snapshot-fix PROJECT"), found.render()
+
+    for member in zoo.MEMBERS:
+        target = zoo.pytorch_config_with_another_bodypart(cached_zoo, member, tmp_path / member.name)
+        source, output = zoo.pose_snapshot(cached_zoo, member), tmp_path / f"{member.name}.pt"
+        resized = member.net_type.startswith(("animaltokenpose", "ctd_"))
+        against = diagnose(source, against=target)[0]
+        assert "different network" not in against.cause, (member.name, against.cause)
+        if resized:
+            assert "The network is the same" in against.cause and "--allow-non-head" in (against.fix or "")
+            with pytest.raises(AdaptRefusedError, match="parts sized by the bodyparts"):
+                adapt_snapshot(source, target, output)
+            assert not output.exists()
+        else:
+            assert "Only the head" in against.cause, (member.name, against.cause)
+        plan = adapt_snapshot(source, target, output, allow_non_head=resized)
+        assert plan.reinitialised and (resized or all(k.startswith("heads.") for k in plan.reinitialised))
+        assert resized == bool(plan.resized_outside_heads), (member.name, plan.resized_outside_heads)
+
+        model = build_pose_model(read_config_as_dict(str(target))["model"])
+        model.load_state_dict(attempt_snapshot_load(output, "cpu")["model"], strict=True)
+        original = {stripped(k): t for k, t in load_snapshot(source)["model"].items()}
+        adapted = load_snapshot(output)["model"]
+        for key in plan.kept:
+            assert torch.equal(as_bytes(adapted[key]), as_bytes(original[key])), (member.name, key)

@@ -150,9 +150,7 @@ def _write_project_config(project: Path, multi_animal: bool) -> None:
 
 
 def _build_member(root: Path, member: Member) -> None:
-    from deeplabcut.core.config import read_config_as_dict
-    from deeplabcut.pose_estimation_pytorch.config.make_pose_config import make_pytorch_pose_config
-    from deeplabcut.utils.auxiliaryfunctions import edit_config, read_config
+    from deeplabcut.utils.auxiliaryfunctions import read_config
 
     from dlc_snapshot_fix.verify import build_detector, build_pose_model
 
@@ -161,21 +159,7 @@ def _build_member(root: Path, member: Member) -> None:
     project_config = read_config(str(root / PROJECTS[member.multi_animal] / "config.yaml"))
     logging.disable(logging.WARNING)  # the builders log every layer they leave randomly initialised
     try:
-        config_path = folder / "pytorch_config.yaml"
-        make_pytorch_pose_config(  # written as create_training_dataset writes it
-            project_config,
-            config_path,
-            net_type=member.net_type,
-            top_down=member.detector is not None,
-            detector_type=member.detector,
-            ctd_conditions=(1, 1) if member.net_type.startswith("ctd") else None,
-            save=True,
-        )
-        config = read_config_as_dict(str(config_path))
-        if member.backbone_model_name:  # a custom script's edit, made as DeepLabCut edits its files
-            config["model"]["backbone"]["model_name"] = member.backbone_model_name
-            edit_config(str(config_path), {"model": config["model"]})
-            config = read_config_as_dict(str(config_path))
+        config = write_pytorch_config(project_config, folder / "pytorch_config.yaml", member)
         torch.manual_seed(shuffle_of(member))
         pose = build_pose_model(copy.deepcopy(config["model"]))
         _save(folder / f"snapshot-{EPOCH:03d}.pt", pose, member, member.optimizer)
@@ -184,6 +168,46 @@ def _build_member(root: Path, member: Member) -> None:
             _save(folder / f"snapshot-detector-{EPOCH:03d}.pt", detector, member, optimizer=False)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def write_pytorch_config(project_config: dict, config_path: Path, member: Member) -> dict:
+    """``member``'s ``pytorch_config.yaml`` for a project, written as create_training_dataset writes it."""
+    from deeplabcut.core.config import read_config_as_dict
+    from deeplabcut.pose_estimation_pytorch.config.make_pose_config import make_pytorch_pose_config
+    from deeplabcut.utils.auxiliaryfunctions import edit_config
+
+    make_pytorch_pose_config(
+        project_config,
+        config_path,
+        net_type=member.net_type,
+        top_down=member.detector is not None,
+        detector_type=member.detector,
+        ctd_conditions=(1, 1) if member.net_type.startswith("ctd") else None,
+        save=True,
+    )
+    config = read_config_as_dict(str(config_path))
+    if member.backbone_model_name:  # a custom script's edit, made as DeepLabCut edits its files
+        config["model"]["backbone"]["model_name"] = member.backbone_model_name
+        edit_config(str(config_path), {"model": config["model"]})
+        config = read_config_as_dict(str(config_path))
+    return config
+
+
+def pytorch_config_with_another_bodypart(root: Path, member: Member, destination: Path) -> Path:
+    """``member``'s config for its zoo project with a third bodypart ("mid"): what a reused snapshot meets."""
+    from deeplabcut.utils.auxiliaryfunctions import read_config
+
+    project_config = read_config(str(root / PROJECTS[member.multi_animal] / "config.yaml"))
+    field = "multianimalbodyparts" if member.multi_animal else "bodyparts"
+    project_config[field] = [*project_config[field], "mid"]
+    destination.mkdir(parents=True, exist_ok=True)
+    config_path = destination / "pytorch_config.yaml"
+    logging.disable(logging.WARNING)
+    try:
+        write_pytorch_config(project_config, config_path, member)
+    finally:
+        logging.disable(logging.NOTSET)
+    return config_path
 
 
 def _save(path: Path, model: torch.nn.Module, member: Member, optimizer: bool) -> None:

@@ -19,6 +19,7 @@ demo: $(BIN)/.installed  ## break sample_project like a two-GPU rc5 run, show ev
 test: $(BIN)/.installed  ## lint, then every test, including the ones that run the real DeepLabCut
 	@echo "=== main cell: $$($(BIN)/pip freeze | grep -iE '^(deeplabcut|torch|torchvision|numpy)==' | tr '\n' ' ')$$($(BIN)/python --version)"
 	$(BIN)/ruff check .
+	for platform in linux win32 darwin; do $(BIN)/mypy --platform $$platform || exit 1; done
 	$(BIN)/python -m pytest
 
 matrix:  ## the other environments the README promises, each its own venv (CI runs it after `make test`)

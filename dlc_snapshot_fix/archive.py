@@ -10,10 +10,9 @@ rerun finds finished snapshots already clean and leaves them alone.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
+import multiprocessing
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from dlc_snapshot_fix import names, signals, store
 from dlc_snapshot_fix.discover import PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath, model_roots
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project
-from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status
+from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status, show_tracebacks, tracebacks_shown
 from dlc_snapshot_fix.shards import ROW_FIELDS, Shard, merge_reports, write_rows_csv
 
 __all__ = ["ROW_FIELDS", "ArchiveReport", "Shard", "find_projects", "merge_reports", "migrate_archive"]
@@ -206,7 +205,11 @@ def migrate_archive(
         except KeyboardInterrupt:
             report.interrupted = True
     else:
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=signals.stop_between_snapshots)
+        context = multiprocessing.get_context()
+        stop = context.Event()
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(stop, tracebacks_shown())
+        )
         futures: dict[concurrent.futures.Future, Path] = {}
         try:
             for project in mine:
@@ -215,7 +218,7 @@ def migrate_archive(
                 record(futures[future], future.result())
         except (KeyboardInterrupt, concurrent.futures.process.BrokenProcessPool):
             report.interrupted = True
-            _stop_workers(pool)
+            stop.set()  # each worker finishes the snapshot in hand and starts no other (Ctrl-C reaches them too)
             pool.shutdown(wait=True, cancel_futures=True)
         else:
             pool.shutdown(wait=True)
@@ -224,12 +227,8 @@ def migrate_archive(
     return report
 
 
-def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """SIGTERM to each worker: Ctrl-C reaches them through the terminal, a ``kill`` of this process does not.
-
-    A worker only notes it (:func:`~dlc_snapshot_fix.signals.stop_between_snapshots`), so a
-    second one (a scheduler signals every process of the job) changes nothing.
-    """
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        with contextlib.suppress(ProcessLookupError, AttributeError, TypeError):
-            os.kill(process.pid, signal.SIGTERM)
+def _start_worker(stop_event: Any, debug: bool) -> None:
+    """Each pool worker: stops between snapshots when told (any start method, any platform); ``--debug`` on."""
+    signals.stop_between_snapshots(stop_event)
+    if debug:
+        show_tracebacks()

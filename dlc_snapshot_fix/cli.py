@@ -14,7 +14,7 @@ import click
 from dlc_snapshot_fix import __version__, autoload
 from dlc_snapshot_fix.discover import ProjectError, discover_project
 from dlc_snapshot_fix.keys import group_by_module
-from dlc_snapshot_fix.report import ExitCode, ProjectReport
+from dlc_snapshot_fix.report import ExitCode, ProjectReport, show_tracebacks
 from dlc_snapshot_fix.signals import stop_on_signals
 
 PROGRESS_SAVE_SECONDS = 5.0
@@ -30,21 +30,46 @@ class DefaultToMigrate(click.Group):
     """``dlc-snapshot-fix PROJECT`` means ``dlc-snapshot-fix migrate PROJECT``; ``--debug`` goes anywhere."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _tolerant_streams()
         if "--debug" in args:
             args = [arg for arg in args if arg != "--debug"]
-            _show_tracebacks()
+            show_tracebacks()
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["migrate", *args]
         return super().parse_args(ctx, args)
 
 
-def _show_tracebacks() -> None:
-    """``--debug``: each failure's traceback on stderr (failures are reported either way, without one)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("debug: %(name)s: %(message)s"))
-    package = logging.getLogger("dlc_snapshot_fix")
-    package.addHandler(handler)
-    package.setLevel(logging.DEBUG)
+def _tolerant_streams() -> None:
+    """Output that survives any console: what stdout's encoding cannot show is escaped (``\\u5b9e``), never an error.
+
+    A Windows console redirected to a file (or a scheduler's log) writes in the ANSI code page
+    (cp1252, cp936/GBK, cp437), a cluster node may run with ``LC_ALL=C``: a path it cannot encode
+    must not turn a finished run into a traceback and exit 1. Files the tool writes (reports,
+    manifests) are UTF-8 whatever the locale.
+    """
+    import codecs
+
+    codecs.register_error(_ESCAPING, _escape_unencodable)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "") in ("strict", "surrogateescape"):
+            reconfigure(errors=_ESCAPING)
+
+
+_ESCAPING = "dlc-snapshot-fix-escape"
+
+
+def _escape_unencodable(error: UnicodeError) -> tuple[str | bytes, int]:
+    """``surrogateescape`` for the bytes of an undecodable file name (shown as they are), ``backslashreplace``
+    for any other character the console's encoding lacks."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    if all("\udc80" <= char <= "\udcff" for char in text):
+        return bytes(ord(char) - 0xDC00 for char in text), error.end
+    return "".join(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}" for char in text), error.end
+
+
 
 
 def _fail(message: object, code: ExitCode) -> NoReturn:

@@ -209,7 +209,7 @@ def _diagnose(
     fixed, stripped = transforms.strip_wrapper_prefixes(snapshot, snapshot_file.state_dict_entries)
     entry = transforms.present_entries(fixed, snapshot_file.state_dict_entries)[0]
     state_dict = fixed[entry]
-    metadata = snapshot.get("metadata") if isinstance(snapshot.get("metadata"), Mapping) else {}
+    metadata: Mapping[str, Any] = snapshot["metadata"] if isinstance(snapshot.get("metadata"), Mapping) else {}
     diagnosis.entries = list(snapshot)
     diagnosis.epoch = _plain(metadata.get("epoch"))
     metrics = metadata.get("metrics")

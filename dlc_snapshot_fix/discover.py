@@ -8,6 +8,7 @@ truncation makes names surprising).
 
 from __future__ import annotations
 
+import locale
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +76,35 @@ def read_yaml(path: Path) -> Any:
     from dlc_snapshot_fix import dlcyaml
 
     try:
-        with open(path, encoding="utf-8") as stream:
-            return dlcyaml.load(stream.read())
+        return dlcyaml.load(read_config_text(path))
     except dlcyaml.YamlError as error:
         raise ProjectError(f"{path}: not valid YAML ({error}). Fix or restore this file.") from error
     except (OSError, UnicodeDecodeError) as error:
         raise ProjectError(f"{path}: cannot be read ({error}).") from error
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text: UTF-8, or else the encoding DeepLabCut's own ``open()`` reads it in here.
+
+    DeepLabCut writes and reads ``config.yaml`` and ``pytorch_config.yaml`` with a bare
+    ``open()``: in the locale's encoding, which on Windows is the ANSI code page (cp1252 for a
+    project under ``C:\\Users\\José``). What DeepLabCut reads on this machine, this reads too.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        encoding = locale.getpreferredencoding(False)
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError as error:
+            raise UnicodeDecodeError(
+                error.encoding,
+                error.object,
+                error.start,
+                error.end,
+                f"{error.reason}; neither UTF-8 nor {encoding}, the encoding DeepLabCut reads it in here",
+            ) from None
 
 
 def project_root(path: Path) -> Path:

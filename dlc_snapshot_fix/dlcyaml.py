@@ -147,7 +147,7 @@ def _libyaml_loader() -> Any:
     """PyYAML's libyaml loader with YAML 1.2 resolution, building only the unambiguous; None without libyaml."""
     import yaml
 
-    base = getattr(yaml, "CSafeLoader", None)
+    base: Any = getattr(yaml, "CSafeLoader", None)
     if base is None:
         return None
 

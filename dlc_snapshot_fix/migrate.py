@@ -8,7 +8,9 @@ others are still processed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dlc_snapshot_fix import names, pickled, rezip, signals, store, transforms, verify, zipappend
+from dlc_snapshot_fix import names, osfiles, pickled, rezip, signals, store, transforms, verify, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
 from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot, read_recorded
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
@@ -73,7 +75,7 @@ def migrate_project(
     snapshots that need work are reported as ``needs fix``. Options come as a
     :class:`MigrationOptions` or as its fields by keyword (``check_model=False``).
     """
-    options = replace(options or MigrationOptions(), **option_flags)
+    options = replace(options or MigrationOptions(), **option_flags)  # type: ignore[arg-type]
     inventory = discover_project(path)
     report = _new_report(inventory, "migrate" if write else "check")
     checker = ModelChecker(enabled=options.check_model)
@@ -460,16 +462,24 @@ def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust:
         store.ensure_writable(path.parent)
         result.sha256_before = result.sha256_before or writer.sha256_before_rewrite(path)  # (--backup-dir: hashed)
         backup = names.backup_path(project, path, result.sha256_before)
+        _fits_windows_paths(backup, names.temp_path(destination, "0" * 8))
         method = store.keep_original(path, backup, result.sha256_before)
         renamed_from = path if destination != path else None
         entry = manifest.add(destination, backup, result.sha256_before, method, "; ".join(plan.changes), renamed_from)
         result.backup = backup
         if plan.rezip is not None:
+            assert plan.result_pickle is not None  # a copy-speed rewrite is planned from a recorded pickle
             temp, result.sha256_after = store.write_rezipped(
                 path, plan.rezip, plan.result_pickle, lambda written: _check_rezipped(written, plan)
             )
         else:
             temp, result.sha256_after = store.write_temp(path, plan.fixed, zip_format=is_zip_snapshot(path))
+            differences = _read_back_before_the_swap(temp, backup, plan, trust)
+            if differences:
+                temp.unlink(missing_ok=True)
+                result.status = Status.FAILED
+                result.reason = f"read-back differed ({differences[0]}); the snapshot is unchanged"
+                return
         # record what is about to be at the path before it is there, so restore can recognise it after a crash
         entry.sha256_after, entry.state = result.sha256_after, "writing"
         try:
@@ -487,25 +497,46 @@ def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust:
         result.status = Status.FAILED
         result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
         return
-    try:
-        if plan.rezip is not None:
-            differences = []  # proven before it replaced the original (_check_rezipped); the same inode since
-        elif plan.expected_records is not None:
-            plan.fixed = {}  # let go of the original's memory map before reading back: one snapshot in memory at most
-            differences = streamed_differences(backup, destination, plan.expected_records)
-        else:  # torch's legacy format, or a pickle only a full load reads (with --trust)
-            differences = compare_snapshots(plan.fixed, load_snapshot(destination, trust=trust))
-    except Exception as error:  # whatever keeps the result from being proven puts the original back
-        differences = [f"the new file does not read back: {type(error).__name__}: {error}"]
-    if differences:
-        _undo(entry, project)
-        manifest.save()
-        result.status = Status.FAILED
-        result.reason = f"read-back differed ({differences[0]}); the original was put back"
-        return
+    # proven before it replaced the original (_check_rezipped, _read_back_before_the_swap); the same inode since
     entry.state = "done"
     manifest.save()
     result.status = Status.FIXED
+
+
+def _fits_windows_paths(*paths: Path) -> None:
+    """Before anything is written: a backup or temp path Windows cannot create is this snapshot's failure."""
+    too_long = osfiles.too_long_for_windows(*paths)
+    if too_long is not None:
+        path, length = too_long
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"{path} would be {length} characters, over Windows' {osfiles.WINDOWS_MAX_PATH} without long paths. "
+            "Enable long paths (LongPathsEnabled, an administrator's registry setting), or move the project "
+            "closer to the drive's root",
+        )
+
+
+def _read_back_before_the_swap(written: Path, backup: Path, plan: _Plan, trust: bool) -> list[str]:
+    """What torch wrote, read back before it replaces the original; then every map of either file let go.
+
+    Windows refuses to replace (or rename over) a file a process still maps, and torch maps
+    what it loads here; so the original's tensors (``plan.fixed``) and the read-back are
+    released before :func:`store.commit_temp`. One snapshot in memory at most.
+    """
+    try:
+        if plan.expected_records is not None:
+            plan.fixed = {}
+            gc.collect()
+            return streamed_differences(backup, written, plan.expected_records)
+        reread = load_snapshot(written, trust=trust)  # torch's legacy format, or a pickle only a full load reads
+        try:
+            return compare_snapshots(plan.fixed, reread)
+        finally:
+            del reread
+            plan.fixed = {}
+            gc.collect()
+    except Exception as error:  # whatever keeps the result from being proven leaves the original in place
+        return [f"the new file does not read back: {type(error).__name__}: {error}"]
 
 
 def _check_rezipped(written: Path, plan: _Plan) -> None:

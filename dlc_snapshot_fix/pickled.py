@@ -297,7 +297,10 @@ def _without_dtype_records(obj: Any) -> Any:
     return obj
 
 
-class _RecordPickler(pickle._Pickler):
+_PythonPickler: Any = pickle._Pickler  # typeshed leaves out the private pickler's methods this class uses
+
+
+class _RecordPickler(_PythonPickler):
     """Python's own pickler (the C one must import a global's module to write it: torch), plus torch names.
 
     For what a snapshot holds it writes the same bytes as the C pickler ``torch.save`` uses.
@@ -320,10 +323,10 @@ class _RecordPickler(pickle._Pickler):
         return None
 
     _never_memoized: ClassVar[dict] = {
-        int: pickle._Pickler.save_long,
-        bool: pickle._Pickler.save_bool,
-        float: pickle._Pickler.save_float,
-        type(None): pickle._Pickler.save_none,
+        int: _PythonPickler.save_long,
+        bool: _PythonPickler.save_bool,
+        float: _PythonPickler.save_float,
+        type(None): _PythonPickler.save_none,
     }
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:

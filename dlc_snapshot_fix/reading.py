@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dlc_snapshot_fix import osfiles
+
 if TYPE_CHECKING:
     from dlc_snapshot_fix.zipappend import ZipLayout
 
@@ -43,7 +45,7 @@ def _numpy_scalar_reconstructor() -> Any:
     try:
         from numpy._core.multiarray import scalar  # numpy 2.x (numpy 1.26 has a shim with the same object)
     except ImportError:  # numpy < 1.26
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef,attr-defined,unused-ignore]
     return scalar
 
 
@@ -147,8 +149,8 @@ def load_snapshot(path: Path, *, trust: bool = False) -> dict[str, Any]:
     is_zip = check_within_bounds(path)
     mmap = is_zip and _every_local_header_as_miniz_reads_it(path)  # else torch reads it as DeepLabCut does
     try:
-        with numpy_allowed():
-            loaded = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+        with numpy_allowed(), osfiles.openable_by_torch(path) as name:
+            loaded = torch.load(name, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         if unsafe:
@@ -476,14 +478,14 @@ def _check_layout(path: Path, members: list[zipfile.ZipInfo], size: int) -> None
 MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
 
 
-def _opcode_table() -> dict[int, tuple[str, int]]:
+def _opcode_table() -> dict[int, tuple[str, int | None]]:
     """Opcode byte -> (name, argument width) for :data:`TORCH_OPCODES`.
 
     Width -1 or -4: a length of that many bytes, then the data; 0: GLOBAL's two lines.
     """
     widths = {"uint1": 1, "uint2": 2, "int4": 4, "uint4": 4, "float8": 8, "string1": -1, "long1": -1}
     widths |= {"unicodestring4": -4, "stringnl_noescape_pair": 0}
-    table = {}
+    table: dict[int, tuple[str, int | None]] = {}
     for opcode in pickletools.opcodes:
         if opcode.name in TORCH_OPCODES:
             width = widths[opcode.arg.name] if opcode.arg is not None else None
@@ -537,7 +539,7 @@ def _check_pickle_opcodes(path: Path, data: bytes) -> set[str]:
             raise _beyond(
                 path, f"its data.pkl uses pickle opcode {opcode.name} (protocol {opcode.proto}); torch.save writes 2"
             )
-        if opcode.name in MEMO_OPCODES and not 0 <= int(argument) <= len(data):
+        if opcode.name in MEMO_OPCODES and not 0 <= int(argument or 0) <= len(data):
             raise _beyond(path, f"its data.pkl uses memo index {argument}, beyond any pickle of {len(data)} bytes")
     return names - TORCH_OPCODES
 

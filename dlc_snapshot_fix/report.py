@@ -8,6 +8,8 @@ script reads (JSON). The CLI only chooses between them.
 from __future__ import annotations
 
 import enum
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,3 +203,24 @@ class ProjectReport:
             return str(Path(path).relative_to(self.project))
         except ValueError:
             return str(path)
+
+
+def show_tracebacks() -> None:
+    """``--debug``: each failure's traceback on stderr (failures are reported either way, without one).
+
+    Called in the main process, and in each pool worker started while it is on: a worker
+    started by ``spawn`` or ``forkserver`` inherits no logging set-up.
+    """
+    package = logging.getLogger("dlc_snapshot_fix")
+    if any(getattr(handler, "dlc_snapshot_fix_debug", False) for handler in package.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("debug: %(name)s: %(message)s"))
+    handler.dlc_snapshot_fix_debug = True  # type: ignore[attr-defined]
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG)
+
+
+def tracebacks_shown() -> bool:
+    """Whether ``--debug`` is on in this process (pool workers are told at their start)."""
+    return logging.getLogger("dlc_snapshot_fix").isEnabledFor(logging.DEBUG)

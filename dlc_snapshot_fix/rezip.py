@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlc_snapshot_fix import osfiles
 from dlc_snapshot_fix.zipappend import (
     CENTRAL,
     EOCD,
@@ -88,14 +89,14 @@ def plan(path: Path, layout: ZipLayout) -> RezipPlan:
     first, second = records[0], records[1]
     with open(path, "rb") as stream:
         fd = stream.fileno()
-        first_local = LOCAL.unpack(os.pread(fd, LOCAL.size, 0))
+        first_local = LOCAL.unpack(osfiles.pread(fd, LOCAL.size, 0))
         descriptor_at = LOCAL.size + first_local[9] + first_local[10] + first.size
-        descriptor = os.pread(fd, DESCRIPTOR.size, descriptor_at)
-        second_local = LOCAL.unpack(os.pread(fd, LOCAL.size, second.header_offset))
+        descriptor = osfiles.pread(fd, DESCRIPTOR.size, descriptor_at)
+        second_local = LOCAL.unpack(osfiles.pread(fd, LOCAL.size, second.header_offset))
         name_end = second.header_offset + LOCAL.size + second_local[9]
-        extra = os.pread(fd, second_local[10], name_end)
+        extra = osfiles.pread(fd, second_local[10], name_end)
         zip64_at = layout.directory_offset + sum(len(r.raw) for r in layout.records)
-        zip64 = os.pread(fd, ZIP64_EOCD.size, zip64_at)
+        zip64 = osfiles.pread(fd, ZIP64_EOCD.size, zip64_at)
     if len(zip64) != ZIP64_EOCD.size or ZIP64_EOCD.unpack(zip64)[0] != ZIP64_EOCD_SIG:
         raise NotRezippable("no zip64 end record right after the directory")
     if not (
@@ -166,42 +167,15 @@ def write(rezip: RezipPlan, source: Path, temp: Path, head: bytes, tail: bytes) 
 
     Not fsynced here: the caller syncs it while it reads it back (``store.write_rezipped``).
     """
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = osfiles.open_fd(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, head)
+        osfiles.write_all(fd, head)
         with open(source, "rb") as original:
             count = rezip.layout.directory_offset - rezip.copy_from
-            _copy_range(original.fileno(), fd, rezip.copy_from, count)
-        _write_all(fd, tail)
+            osfiles.copy_range(original.fileno(), fd, rezip.copy_from, count, CHUNK)
+        osfiles.write_all(fd, tail)
     finally:
         os.close(fd)
-
-
-def _copy_range(source: int, target: int, offset: int, count: int) -> None:
-    """``count`` bytes from ``offset`` of ``source`` to where ``target`` stands: in the kernel where it can."""
-    done, kernel = 0, hasattr(os, "copy_file_range")
-    while done < count:
-        if kernel:
-            try:
-                copied = os.copy_file_range(source, target, min(count - done, 1 << 30), offset + done)
-            except OSError as error:
-                if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                kernel = False  # a file system (or kernel) without it: through this process instead
-                continue
-        else:
-            chunk = os.pread(source, min(CHUNK, count - done), offset + done)
-            _write_all(target, chunk)
-            copied = len(chunk)
-        if copied == 0:
-            raise OSError(errno.EIO, "the original ended before the range to copy")
-        done += copied
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def read_back(path: Path, meant: ZipLayout, new_pickle: bytes) -> None:
@@ -219,8 +193,8 @@ def read_back(path: Path, meant: ZipLayout, new_pickle: bytes) -> None:
         for record, (start, length) in zip(layout.records, data_spans(path, layout.records), strict=True):
             crc = 0
             for offset in range(start, start + length, CHUNK):
-                crc = zlib.crc32(os.pread(fd, min(CHUNK, start + length - offset), offset), crc)
+                crc = zlib.crc32(osfiles.pread(fd, min(CHUNK, start + length - offset), offset), crc)
             if crc != CENTRAL.unpack_from(record.raw)[7]:
                 raise ReadBackError(f"the bytes of {record.name} do not match its CRC")
-            if record.name == pickle_name and os.pread(fd, length, start) != new_pickle:
+            if record.name == pickle_name and osfiles.pread(fd, length, start) != new_pickle:
                 raise ReadBackError("its data.pkl is not the new pickle")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import Any
 
 _stopped_by = ""
 """The name of the signal that told this process to stop ("" until one did)."""
+_stop_event: Any = None
+"""A pool worker's: set by the main process to stop it between snapshots (on every platform)."""
 
 
 def stopping() -> bool:
@@ -24,6 +27,8 @@ def stopping() -> bool:
     C++ writer into ``RuntimeError: unexpected pos``, which a fence would otherwise report as
     that snapshot's failure and go on to the next.
     """
+    if not _stopped_by and _stop_event is not None and _stop_event.is_set():
+        _note_stop(signal.SIGTERM, None)  # told by the main process: as if by SIGTERM
     return bool(_stopped_by)
 
 
@@ -62,13 +67,19 @@ def stop_on_signals() -> None:
         signal.signal(signal.SIGINT, _interrupt_each_time)
 
 
-def stop_between_snapshots() -> None:
+def stop_between_snapshots(stop_event: Any = None) -> None:
     """For a pool worker: SIGTERM and SIGINT are only remembered; the worker stops before its next snapshot.
+
+    ``stop_event`` (a ``multiprocessing`` Event) is how the main process says "stop" on every
+    platform: a signal sent to a worker on Windows is ``TerminateProcess``, which would kill it
+    mid-write, so the main process never sends one.
 
     Not an interrupt at an arbitrary point: with workers interrupted anywhere, a run hung once
     after SIGTERM in a matrix run (most likely an interrupt while a worker wrote its result
     into the pool's pipe: half a message there, and the main process waits for the rest
     forever). Stopping at a snapshot boundary also finishes the snapshot in hand.
     """
+    global _stop_event
+    _stop_event = stop_event
     for each in (signal.SIGTERM, signal.SIGINT):
         signal.signal(each, _note_stop)

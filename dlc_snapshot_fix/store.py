@@ -7,7 +7,8 @@ The order is what makes a crash at any instant harmless:
    bytes cannot differ; a full copy, fsynced, elsewhere) and recorded in the manifest;
 2. the new snapshot is written to a hidden temp file in the snapshot's own folder and
    fsynced;
-3. ``os.replace`` swaps it in under the same name, and the folder is fsynced.
+3. ``os.replace`` swaps it in under the same name, and the folder is fsynced
+   (:mod:`dlc_snapshot_fix.osfiles` says what each of these is on each platform).
 
 Before step 3 the snapshot path still holds the original; after it, the complete new
 file. The original inode is never opened for writing.
@@ -27,10 +28,10 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PureWindowsPath
+from typing import IO, Any, cast
 
-from dlc_snapshot_fix import __version__, names
+from dlc_snapshot_fix import __version__, names, osfiles
 
 CHUNK = 1 << 20
 
@@ -40,8 +41,7 @@ def sha256_of(path: Path) -> str:
     while the first chunks are hashed, rather than chunk after chunk."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        osfiles.will_need(stream.fileno(), 0, 0)
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -100,12 +100,7 @@ def end_sha256(path: Path, size: int) -> str:
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename or link in ``folder`` durable (a no-op where folders cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    osfiles.flush_dir(folder)
 
 
 def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = True) -> str:
@@ -125,9 +120,8 @@ def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = Tru
         try:
             os.link(snapshot, backup)
             method = "hardlink"
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
-                raise
+        except OSError:  # any refusal (exFAT and FAT say EINVAL or EPERM, shares EXDEV...): a verified copy instead
+            pass
     if method == "copy":
         ensure_space(backup.parent, snapshot.stat().st_size)
         partial = names.temp_path(backup, secrets.token_hex(4))
@@ -135,10 +129,10 @@ def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = Tru
             with open(snapshot, "rb") as source, open(partial, "xb") as target:
                 shutil.copyfileobj(source, target, CHUNK)
                 target.flush()
-                os.fsync(target.fileno())
+                osfiles.flush_fd(target.fileno())
             if sha256_of(partial) != sha256:
                 raise OSError(f"copy of {snapshot} to {partial} does not match the original")
-            os.replace(partial, backup)
+            osfiles.replace(partial, backup)
         finally:
             partial.unlink(missing_ok=True)
     fsync_dir(backup.parent)
@@ -170,7 +164,7 @@ def ensure_space(folder: Path, size: int) -> None:
 def ensure_writable(folder: Path) -> None:
     """Fail before keeping a backup when the folder cannot take the new file (read-only mount, permissions)."""
     if not os.access(folder, os.W_OK):
-        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        code = errno.EROFS if osfiles.read_only(folder) else errno.EACCES
         raise OSError(code, f"{os.strerror(code)}: cannot write in {folder}")
 
 
@@ -210,11 +204,11 @@ def write_temp(
         with open(temp, "xb") as stream:
             hashing = _HashingWriter(stream)
             try:
-                torch.save(snapshot, hashing, _use_new_zipfile_serialization=zip_format)
+                torch.save(snapshot, cast(IO[bytes], hashing), _use_new_zipfile_serialization=zip_format)
             except RuntimeError as error:
                 raise _os_error_behind(error) from error
             stream.flush()
-            os.fsync(stream.fileno())
+            osfiles.flush_fd(stream.fileno())
         if target.exists():
             with contextlib.suppress(OSError):
                 os.chmod(temp, target.stat().st_mode & 0o7777)
@@ -244,7 +238,7 @@ def write_rezipped(target: Path, plan: Any, new_pickle: bytes, check: Callable[[
         with contextlib.suppress(OSError):
             os.chmod(temp, target.stat().st_mode & 0o7777)
         with concurrent.futures.ThreadPoolExecutor(1) as disk:
-            synced = disk.submit(_fsync_file, temp)
+            synced = disk.submit(osfiles.flush_path, temp)
             try:
                 sha256 = sha256_of(temp)
                 check(temp)
@@ -254,14 +248,6 @@ def write_rezipped(target: Path, plan: Any, new_pickle: bytes, check: Callable[[
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -282,7 +268,9 @@ class _HashingWriter(io.RawIOBase):
         return written
 
     def flush(self) -> None:
-        self.stream.flush()
+        """Also called when the writer is garbage-collected (Python 3.13: after the file is closed): then a no-op."""
+        if not self.stream.closed:
+            self.stream.flush()
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -293,8 +281,8 @@ def write_text_atomically(path: Path, text: str) -> None:
         with open(temp, "x", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
+            osfiles.flush_fd(stream.fileno())
+        osfiles.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -304,7 +292,7 @@ def write_text_atomically(path: Path, text: str) -> None:
 def commit_temp(temp: Path, target: Path) -> None:
     """Swap the finished temp file in under ``target``'s name (atomic) and make the rename durable."""
     try:
-        os.replace(temp, target)
+        osfiles.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -313,7 +301,7 @@ def commit_temp(temp: Path, target: Path) -> None:
 
 def _os_error_behind(error: BaseException) -> BaseException:
     """torch's zip writer reports a full disk as ``RuntimeError: unexpected pos``; surface the OSError behind it."""
-    seen = error
+    seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, OSError):
             return seen
@@ -328,7 +316,7 @@ def put_back(backup: Path, target: Path) -> None:
     ``torch.save`` to ``target`` (DeepLabCut rewriting a snapshot) change the backup too.
     """
     try:
-        os.replace(backup, target)
+        osfiles.replace(backup, target)
     except OSError as error:
         if error.errno != errno.EXDEV:
             raise
@@ -336,8 +324,8 @@ def put_back(backup: Path, target: Path) -> None:
         try:
             shutil.copy2(backup, temp)
             with open(temp, "rb+") as stream:
-                os.fsync(stream.fileno())
-            os.replace(temp, target)
+                osfiles.flush_fd(stream.fileno())
+            osfiles.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -372,6 +360,19 @@ class ManifestEntry:
     in and read back. ``restored``: the original is back. A killed run leaves the first two."""
 
 
+def _portable(entry: ManifestEntry) -> ManifestEntry:
+    """Paths in POSIX form, whichever system wrote them: a project migrated on Windows restores on Linux.
+
+    Manifests are written with ``/``; those written before (on Windows, with ``\\``) are read
+    as Windows paths. No name this tool or DeepLabCut gives a project's files holds a backslash.
+    """
+    for field in ("path", "backup", "renamed_from"):
+        value = getattr(entry, field)
+        if value is not None and "\\" in value:
+            setattr(entry, field, PureWindowsPath(value).as_posix())
+    return entry
+
+
 class ManifestError(RuntimeError):
     """The project's manifest cannot be read; no snapshot is touched until it is repaired."""
 
@@ -386,7 +387,7 @@ class Manifest:
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-                self.entries = [ManifestEntry(**entry) for entry in data["entries"]]
+                self.entries = [_portable(ManifestEntry(**entry)) for entry in data["entries"]]
             except (ValueError, KeyError, TypeError) as error:
                 raise ManifestError(
                     f"{self.path}: unreadable ({error}). Nothing was changed; the backups next to it are "
@@ -407,11 +408,11 @@ class Manifest:
     ) -> ManifestEntry:
         """Record a change about to be made, durably (the journal), before any byte of it is written."""
         entry = ManifestEntry(
-            renamed_from=str(renamed_from.relative_to(self.project)) if renamed_from else None,
+            renamed_from=renamed_from.relative_to(self.project).as_posix() if renamed_from else None,
             original_size=original_size,
             original_end_sha256=original_end_sha256,
-            path=str(snapshot.relative_to(self.project)),
-            backup=str(backup.relative_to(self.project)),
+            path=snapshot.relative_to(self.project).as_posix(),
+            backup=backup.relative_to(self.project).as_posix(),
             sha256_before=sha256_before,
             sha256_after=None,
             backup_method=backup_method,

@@ -95,7 +95,7 @@ def write_video(path: Path, bodyparts: tuple[str, ...]) -> None:
     import cv2
     import numpy as np
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (SIZE, SIZE))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (SIZE, SIZE))  # type: ignore[attr-defined,unused-ignore]
     for frame in range(FRAMES):
         image = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
         for bodypart in bodyparts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from dlc_snapshot_fix import keys
 from dlc_snapshot_fix.pickled import TensorRecord
@@ -148,7 +148,7 @@ def numpy_metadata_to_python(snapshot: Mapping[str, Any]) -> tuple[dict[str, Any
         nonlocal count
         if isinstance(value, numpy_scalars):
             count += 1
-            return value.item()
+            return cast(Any, value).item()  # a numpy scalar
         if isinstance(value, dict):
             return type(value)((plain(key), plain(item)) for key, item in value.items())
         if isinstance(value, (list, tuple)):

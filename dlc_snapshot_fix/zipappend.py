@@ -23,6 +23,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlc_snapshot_fix import osfiles
+
 EOCD = struct.Struct("<IHHHHIIH")  # end of central directory
 EOCD_SIG = 0x06054B50
 ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
@@ -200,14 +202,13 @@ def data_spans(path: Path, records: list[CentralRecord]) -> list[tuple[int, int]
     cache that turns hundreds of waits for the disk into about one.
     """
     spans = []
-    fd = os.open(path, os.O_RDONLY)
+    fd = osfiles.open_fd(path, os.O_RDONLY)
     try:
-        if hasattr(os, "posix_fadvise"):
-            for record in records:
-                os.posix_fadvise(fd, record.header_offset, LOCAL.size + len(record.name), os.POSIX_FADV_WILLNEED)
+        for record in records:
+            osfiles.will_need(fd, record.header_offset, LOCAL.size + len(record.name))
         for record in records:
             name = record.name.encode("utf-8")
-            header = os.pread(fd, LOCAL.size + len(name), record.header_offset)
+            header = osfiles.pread(fd, LOCAL.size + len(name), record.header_offset)
             if len(header) < LOCAL.size:
                 raise NotAppendable(f"{record.name}: its local header runs past the end of the file")
             local = LOCAL.unpack_from(header)
@@ -258,31 +259,25 @@ def append(path: Path, expected_size: int, body: bytes, end: bytes) -> None:
     """Append ``body`` (fsynced) then ``end`` (one write, fsynced) at ``expected_size``; never writes before it."""
     if len(body) > MAX_TAIL:
         raise NotAppendable(f"the new pickle and directory take {len(body)} bytes, over {MAX_TAIL}")
-    fd = os.open(path, os.O_WRONLY)
+    fd = osfiles.open_fd(path, os.O_WRONLY)
     try:
         if os.fstat(fd).st_size != expected_size:
             raise NotAppendable("the file changed size since it was read")
         os.lseek(fd, expected_size, os.SEEK_SET)
-        _write_all(fd, body)
-        os.fsync(fd)
-        _write_all(fd, end)
-        os.fsync(fd)
+        osfiles.write_all(fd, body)
+        osfiles.flush_fd(fd)
+        osfiles.write_all(fd, end)
+        osfiles.flush_fd(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def truncate(path: Path, size: int) -> None:
     """Undo (or clean up a crashed) append: back to the original ``size`` bytes, durably."""
-    fd = os.open(path, os.O_WRONLY)
+    fd = osfiles.open_fd(path, os.O_WRONLY)
     try:
         os.ftruncate(fd, size)
-        os.fsync(fd)
+        osfiles.flush_fd(fd)
     finally:
         os.close(fd)
 

@@ -18,6 +18,8 @@ DLC_TESTS="tests/test_verdicts.py tests/test_plugin.py tests/test_numpy_dialects
   tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module
   tests/test_migrate.py tests/test_reading.py tests/test_keys.py tests/test_append.py tests/test_startup.py tests/test_dlcyaml.py"
 TORCH_TESTS="-m not\ deeplabcut\ and\ not\ slurm"  # SLURM runs in the main cell
+DLC_CORE_TESTS="tests/test_verdicts.py tests/test_numpy_dialects.py tests/test_platforms.py
+  tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it"
 
 declare -A INSTALL=(
   [dlc-3.0.0]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.0"
@@ -25,9 +27,13 @@ declare -A INSTALL=(
   [torch-numpy1]="torch==2.13.0 numpy==1.26.4"
   [torch-numpy2]="torch==2.13.0 numpy>=2,<3"
   [python-3.10]="torch==2.6.0 numpy>=2,<3"
+  [python-3.12-dlc]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.2"  # DeepLabCut's pip install path
+  [python-3.13]="torch==2.14.1 numpy>=2,<3"  # the newest Python pyproject.toml declares
 )
 declare -A PYTHON_OF=(  # the interpreter a cell's venv is made from (default: python3, 3.11 here)
   [python-3.10]="/root/.pyenv/versions/3.10.13/bin/python3"  # the oldest Python pyproject.toml declares
+  [python-3.12-dlc]="/root/.pyenv/versions/3.12.1/bin/python3"
+  [python-3.13]="/root/.pyenv/versions/3.13.0/bin/python3"
 )
 declare -A TESTS=(
   [dlc-3.0.0]="$DLC_TESTS"
@@ -35,9 +41,11 @@ declare -A TESTS=(
   [torch-numpy1]="$TORCH_TESTS"
   [torch-numpy2]="$TORCH_TESTS"
   [python-3.10]="$TORCH_TESTS"
+  [python-3.12-dlc]="$DLC_CORE_TESTS"  # the rest is Python-agnostic and runs in the 3.10 and 3.13 cells
+  [python-3.13]="$TORCH_TESTS"
 )
 CELLS=("$@")
-[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0 dlc-3.0.1 torch-numpy1 torch-numpy2 python-3.10)
+[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0 dlc-3.0.1 torch-numpy1 torch-numpy2 python-3.10 python-3.12-dlc python-3.13)
 
 build() {  # one cell's venv, once per run (a stamp records what it was built from)
   local cell=$1 venv=$ROOT/$1 python=${PYTHON_OF[$1]:-python3}
@@ -75,7 +83,8 @@ for cell in "${CELLS[@]}"; do
   "$ROOT/$cell/bin/python" --version
   # shellcheck disable=SC2086
   selection=$(echo ${TESTS[$cell]})  # one line
-  if eval "HF_HUB_OFFLINE=1 MPLBACKEND=Agg $ROOT/$cell/bin/python -m pytest -q -p no:cacheprovider $selection" \
+  # 100 fuzz cases per property in a cell (the main cell runs 500): the properties do not depend on the cell
+  if eval "DLC_FUZZ_EXAMPLES=\${DLC_FUZZ_EXAMPLES:-100} HF_HUB_OFFLINE=1 MPLBACKEND=Agg $ROOT/$cell/bin/python -m pytest -q -p no:cacheprovider $selection" \
       > "$ROOT/$cell.test.log" 2>&1; then
     result=$(tail -1 "$ROOT/$cell.test.log"); summary+=("$cell: $result")
   else

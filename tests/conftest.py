@@ -25,6 +25,7 @@ if importlib.util.find_spec("deeplabcut") is None:  # a torch-only cell of the m
         "test_diagnose_adapt.py",
         "test_plugin.py",
         "test_verdicts.py",
+        "test_vintage.py",
         "test_zoo.py",
     ]
     print("conftest: deeplabcut is not installed: its modules are not collected, its tests not run")

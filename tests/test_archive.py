@@ -219,11 +219,22 @@ def _ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path, how: str):
+WITH_START_METHOD = (  # the CLI, its pool workers started as on Windows and macOS (spawn) or Python 3.14 (forkserver)
+    "import multiprocessing, sys; multiprocessing.set_start_method(sys.argv[1]); "
+    "from dlc_snapshot_fix.cli import main; main(sys.argv[2:], prog_name='dlc-snapshot-fix')"
+)
+
+
+@pytest.mark.parametrize(
+    ("how", "start"),
+    [(how, "fork") for how in ("SIGINT", "SIGTERM", "SIGKILL")]
+    + [(how, start) for how in ("SIGINT", "SIGTERM") for start in ("spawn", "forkserver")],
+)
+def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path, how: str, start: str):
     root = tmp_path / "archive"
     snapshots = big_archive(root)
-    command = [sys.executable, "-m", "dlc_snapshot_fix", str(root), "--jobs", "2", "--no-model-check"]
+    tool = [sys.executable, "-c", WITH_START_METHOD, start]
+    command = [*tool, str(root), "--jobs", "2", "--no-model-check"]
     first_report = tmp_path / "first.json"
     run = subprocess.Popen(
         [*command, "--json", str(first_report)],

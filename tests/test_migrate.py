@@ -191,25 +191,29 @@ def test_an_unreadable_manifest_stops_the_run_before_any_write(project: Path, sn
     assert snapshots["dp"].read_bytes() == before
 
 
-def test_a_corrupted_write_is_caught_by_the_read_back_and_the_original_goes_back(
+def test_a_corrupted_write_is_caught_by_the_read_back_before_it_replaces_the_original(
     project: Path, snapshots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ):
-    """torch's rewrite (here with --trust): a bit flipped in a tensor on its way to disk is seen by the streamed
-    read-back (CRC or bytes), and the original goes back."""
+    """torch's rewrite (here with --trust): a bit flipped in a tensor on its way to disk is seen by the read-back,
+    which runs before the swap (Windows cannot replace a file this process still maps): the original stays."""
     from dlc_snapshot_fix import store
 
     original = snapshots["dp"].read_bytes()
-    real_commit = store.commit_temp
+    real_write = store.write_temp
 
-    def flip_a_tensor_byte(temp: Path, target: Path) -> None:
+    def write_then_flip(*args, **kwargs):
+        temp, sha256 = real_write(*args, **kwargs)
         _flip_first_storage_byte(temp)
-        real_commit(temp, target)
+        return temp, sha256
 
-    monkeypatch.setattr(store, "commit_temp", flip_a_tensor_byte)
+    monkeypatch.setattr(store, "write_temp", write_then_flip)
     report = migrate_project(project, check_model=False, trust=True)
     failed = {r.path.name: r for r in report.results if r.status == Status.FAILED}
-    assert "snapshot-005.pt" in failed and "read-back differed" in failed["snapshot-005.pt"].reason
+    assert "snapshot-005.pt" in failed, [r.describe() for r in report.results]
+    assert "read-back differed" in failed["snapshot-005.pt"].reason
+    assert "the snapshot is unchanged" in failed["snapshot-005.pt"].reason
     assert snapshots["dp"].read_bytes() == original
+    assert not [p for p in snapshots["dp"].parent.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
 def _flip_first_storage_byte(path: Path) -> None:

@@ -181,7 +181,7 @@ def migrate_archive(
     options = options or MigrationOptions()
     root = Path(root).absolute()
     projects, skipped = find_projects(root)
-    mine = [p for p in projects if shard.owns(str(p.relative_to(root)))]
+    mine = [p for p in projects if shard.owns(p.relative_to(root).as_posix())]
     report = ArchiveReport(root=root, shard=str(shard), skipped=skipped)
     if on_plan is not None:
         on_plan(mine)

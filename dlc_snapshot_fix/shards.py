@@ -53,7 +53,8 @@ class Shard:
         return shard
 
     def owns(self, relative_path: str) -> bool:
-        digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+        # the name's bytes on disk: the same shard under any locale (LC_ALL=C decodes 实验 into surrogates)
+        digest = hashlib.sha256(os.fsencode(relative_path)).digest()
         return int.from_bytes(digest[:8], "big") % self.count == self.index
 
     def __str__(self) -> str:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import io
 import json
@@ -27,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import windows_shape
 from conftest import TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import load_snapshot, migrate_project, names, osfiles, restore_project
-from dlc_snapshot_fix.archive import migrate_archive
 from dlc_snapshot_fix.verify import compare_snapshots
 
 pytestmark = pytest.mark.skipif(
@@ -38,62 +37,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def held_here(path: str | os.PathLike) -> list[str]:
-    """How this process holds ``path``: an open descriptor, a memory map (what Windows would not let go)."""
-    try:
-        target = os.path.realpath(path)
-    except OSError:
-        return []
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == target:
-                held.append(f"open as fd {fd}")
-        except OSError:
-            continue
-    with open("/proc/self/maps") as maps:
-        if any(line.rstrip("\n").endswith(" " + target) for line in maps):
-            held.append("memory-mapped")
-    return held
-
-
 @pytest.fixture
-def windows_shaped(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[str]]]:
-    """Make this process behave as Windows would for the calls the tool makes; returns the refusals seen."""
-    statvfs = os.statvfs
-
-    def disk_usage(path):  # Windows' asks GetDiskFreeSpaceExW, not statvfs: the same answer
-        found = statvfs(path)
-        total, free = found.f_blocks * found.f_frsize, found.f_bavail * found.f_frsize
-        return shutil._ntuple_diskusage(total, total - found.f_bfree * found.f_frsize, free)
-
-    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
-    for name in ("pread", "pwrite", "copy_file_range", "posix_fadvise", "statvfs"):
-        monkeypatch.delattr(os, name, raising=False)
-    monkeypatch.setattr(osfiles, "WINDOWS", True)
-
-    def no_hard_links(*args, **kwargs):
-        raise OSError(errno.EINVAL, "Invalid argument (exFAT has no hard links)")
-
-    monkeypatch.setattr(os, "link", no_hard_links)
-    refused: list[tuple[str, str, list[str]]] = []
-
-    def sharing_rules(name, real, checked):
-        def call(*args, **kwargs):
-            for index in checked:
-                held = held_here(args[index])
-                if held:
-                    refused.append((name, str(args[index]), held))
-                    raise PermissionError(errno.EACCES, f"{name}: the file is in use ({', '.join(held)})")
-            return real(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(os, "replace", sharing_rules("replace", os.replace, (0, 1)))
-    monkeypatch.setattr(os, "rename", sharing_rules("rename", os.rename, (0, 1)))
-    monkeypatch.setattr(os, "unlink", sharing_rules("unlink", os.unlink, (0,)))
-    monkeypatch.setattr(os, "remove", sharing_rules("remove", os.remove, (0,)))
-    monkeypatch.setattr(os, "truncate", sharing_rules("truncate", os.truncate, (0,)))
+def windows_shaped(monkeypatch: pytest.MonkeyPatch) -> list[windows_shape.Refusal]:
+    """This process, shaped as Windows would be (tests/windows_shape.py); returns the refusals seen."""
+    refused: list[windows_shape.Refusal] = []
+    windows_shape.shape(monkeypatch.setattr, monkeypatch.delattr, refused)
     return refused
 
 
@@ -162,16 +110,47 @@ def test_a_windows_shaped_process_gets_the_same_results_and_bytes(tmp_path: Path
     assert windows_shaped == [], f"Windows would have refused: {windows_shaped}"
 
 
-def test_a_windows_shaped_archive_run_migrates_every_project(tmp_path: Path, windows_shaped):
-    root = tmp_path / "archive"
-    for name in ("a", "b"):
-        population(root / name)
-    report = migrate_archive(root, jobs=1)
-    assert report.finished and not report.failed_projects
-    statuses = sorted((r.path.name, r.status.value) for p in report.projects for r in p.results)
-    expected = [(f"snapshot-00{i}.pt", "fixed") for i in (5, 6, 7)] + [("snapshot-008.pt", "already clean")]
-    assert statuses == sorted(expected * 2)
-    assert windows_shaped == [], f"Windows would have refused: {windows_shaped}"
+SHAPED_SITE = """
+import os, sys
+if os.environ.get("DLC_SNAPSHOT_FIX_WINDOWS_SHAPE"):  # every process of the run: main, and spawned workers
+    sys.path.insert(0, {tests!r})
+    import windows_shape
+    windows_shape.shape(setattr, delattr, windows_shape.RefusalFile(os.environ["DLC_SNAPSHOT_FIX_WINDOWS_SHAPE"]))
+"""
+
+
+def test_a_windows_shaped_archive_run_with_two_spawned_jobs_matches_the_normal_one(tmp_path: Path):
+    """Main process and pool workers shaped as Windows (workers started by spawn, as there): same rows, same
+    bytes, nothing held replaced, truncated or deleted in any process."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SHAPED_SITE.format(tests=str(Path(__file__).parent)))
+    normal, shaped = tmp_path / "normal", tmp_path / "shaped"
+    for name in ("a", "b", "c"):
+        population(normal / name)
+    shutil.copytree(normal, shaped)
+    refusals = tmp_path / "refusals.txt"
+    runs = {}
+    for root, environment in (
+        (normal, dict(os.environ)),
+        (shaped, {**os.environ, "PYTHONPATH": str(site), "DLC_SNAPSHOT_FIX_WINDOWS_SHAPE": str(refusals)}),
+    ):
+        command = [sys.executable, "-c", WITH_START_METHOD, "spawn", root, "--jobs", "2", "--json", root / "r.json"]
+        done = subprocess.run(command, capture_output=True, text=True, env=environment)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows = json.loads((root / "r.json").read_text(encoding="utf-8"))["snapshots"]
+        runs[root] = sorted((Path(r["path"]).relative_to(root).as_posix(), r["status"], r["method"]) for r in rows)
+    assert runs[shaped] == runs[normal]
+    assert [status for _, status, _ in runs[normal]].count("fixed") == 9
+    assert not refusals.exists(), refusals.read_text()
+
+    def backup_methods(root: Path) -> set[str]:
+        manifests = [names.manifest_path(project) for project in root.iterdir() if project.is_dir()]
+        return {e["backup_method"] for m in manifests for e in json.loads(m.read_text(encoding="utf-8"))["entries"]}
+
+    assert "hardlink" in backup_methods(normal) and "hardlink" not in backup_methods(shaped)  # workers were shaped
+    for path in normal.rglob("snapshot-00[56].pt"):  # zip files: byte for byte
+        assert path.read_bytes() == (shaped / path.relative_to(normal)).read_bytes(), path
 
 
 def test_the_windows_shape_sees_what_this_process_holds(tmp_path: Path, windows_shaped):
@@ -268,6 +247,7 @@ def test_every_command_works_in_any_console_on_a_non_ascii_project(tmp_path: Pat
         "check": _console_run(project, console, name, "--check", "--json", "check.json"),
         "migrate": _console_run(project, console, name, "--json", "migrate.json"),
         "inspect": _console_run(project, console, "inspect", name),
+        "archive": _console_run(project, console, ".", "--jobs", "2", "--shard", "1/1"),  # the folder above it
         "restore": _console_run(project, console, "restore", name),
         "plugin status": _console_run(project, console, "plugin", "status"),
         "help": _console_run(project, console, "--help"),

@@ -114,11 +114,12 @@ def test_one_command_leaves_every_vintage_snapshot_evaluable(release: str, tmp_p
 
 @pytest.mark.parametrize("release", RELEASES)
 def test_check_predicts_the_archive_method_on_every_vintage(release: str, tmp_path: Path):
-    """Under ``--method append`` too: rc5's optimizer state is too large to append, and --check says so first."""
+    """Under ``--method append`` too: rc5's optimizer state is too large to append, and --check says so first.
+    (DeepLabCut's verdicts on these files are the test above's; here the method and the changes.)"""
     project = unpacked(release, tmp_path)
     originals = snapshot_bytes(project)
-    cli(project, "--check", "--method", "append", "--json", tmp_path / "check.json")
-    run = cli(project, "--method", "append", "--json", tmp_path / "run.json")
+    cli(project, "--check", "--method", "append", "--no-model-check", "--json", tmp_path / "check.json")
+    run = cli(project, "--method", "append", "--no-model-check", "--json", tmp_path / "run.json")
     assert run.returncode == 0, run.stdout + run.stderr
     predicted, done = rows(tmp_path / "check.json"), rows(tmp_path / "run.json")
     assert {name: prediction(row) for name, row in predicted.items()} == {
@@ -126,6 +127,5 @@ def test_check_predicts_the_archive_method_on_every_vintage(release: str, tmp_pa
     }
     methods = {row["method"] for row in done.values() if row["changes"]}
     assert methods == {"rc2": {"append"}, "rc5": {"rewrite"}, "rc6": set()}[release], done
-    assert all(check["status"] == "ok" for row in done.values() for check in row["model_check"].values())
     assert cli("restore", project).returncode == 0
     assert snapshot_bytes(project) == originals

@@ -274,10 +274,11 @@ def _recorded_plan(snapshot_file: SnapshotFile, options: MigrationOptions, write
     """The plan from the torch-free reader, tensors as records; the new ``data.pkl`` is made now if it is to be
     written (a pickle that cannot be made then goes to torch), else when a check first needs it."""
     recorded = read_recorded(snapshot_file.path)
-    plan = _transform(snapshot_file, recorded.snapshot, options, lambda: pickled.numpy_dialect(recorded.pickle))
+    dialect_of = functools.cache(lambda: pickled.numpy_dialect(recorded.pickle))  # walks the pickle: once at most
+    plan = _transform(snapshot_file, recorded.snapshot, options, dialect_of)
     plan.layout = recorded.layout
     fixed, order = plan.fixed, recorded.storage_order
-    dialect = pickled.scalar_dialect(recorded.pickle) if plan.numpy_found else None  # numpy kept: under its names
+    dialect = dialect_of() if plan.numpy_found else None  # numpy values kept: written under the names they had
     if plan.changes and write:  # made now: a pickle that cannot be made sends the snapshot to torch's rewrite
         new_pickle = pickled.dumps(fixed, order, dialect)
         plan.make_pickle = lambda: new_pickle

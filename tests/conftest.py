@@ -53,6 +53,13 @@ def wrapped_state_dict(model: torch.nn.Module, *wrappers: str) -> OrderedDict:
     return model.state_dict()
 
 
+WITH_START_METHOD = (  # the CLI, its pool workers started as on Windows and macOS (spawn) or Python 3.14 (forkserver)
+    "import multiprocessing, sys; multiprocessing.set_start_method(sys.argv[1]); "
+    "from dlc_snapshot_fix.cli import main; main(sys.argv[2:], prog_name='dlc-snapshot-fix')"
+)
+"""``python -c WITH_START_METHOD METHOD ARGS...``: the CLI with its pool's start method chosen."""
+
+
 def save_snapshot(path: Path, state_dict, **extra) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"metadata": {"epoch": 3, "metrics": {"test.rmse": 2.0}}, "model": state_dict, **extra}, path)

@@ -15,7 +15,7 @@ import filelock
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
+from conftest import TRAIN, WITH_START_METHOD, TinyPose, make_project, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import load_snapshot, names
 from dlc_snapshot_fix.archive import Shard, find_projects
@@ -217,12 +217,6 @@ def _ctrl_c_as_in_a_terminal() -> None:
     """SIGINT's default, whatever this test run inherited: a shell starts background jobs with SIGINT ignored,
     and Python (rightly) leaves an ignored SIGINT ignored, so the run would never see the Ctrl-C sent below."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-WITH_START_METHOD = (  # the CLI, its pool workers started as on Windows and macOS (spawn) or Python 3.14 (forkserver)
-    "import multiprocessing, sys; multiprocessing.set_start_method(sys.argv[1]); "
-    "from dlc_snapshot_fix.cli import main; main(sys.argv[2:], prog_name='dlc-snapshot-fix')"
-)
 
 
 @pytest.mark.parametrize(

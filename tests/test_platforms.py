@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import windows_shape
-from conftest import TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
+from conftest import TRAIN, WITH_START_METHOD, TinyPose, make_project, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import load_snapshot, migrate_project, names, osfiles, restore_project
 from dlc_snapshot_fix.verify import compare_snapshots
@@ -192,10 +192,6 @@ if os.environ.get("DLC_SNAPSHOT_FIX_TEST_BOOM"):  # every process of the run, sp
 
     migrate._plan = _boom
 """
-WITH_START_METHOD = (
-    "import multiprocessing, sys; multiprocessing.set_start_method(sys.argv[1]); "
-    "from dlc_snapshot_fix.cli import main; main(sys.argv[2:], prog_name='dlc-snapshot-fix')"
-)
 
 
 @pytest.mark.parametrize("start", ["spawn", "forkserver"])

@@ -10,6 +10,7 @@ rerun finds finished snapshots already clean and leaves them alone.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlc_snapshot_fix import names, signals, store
+from dlc_snapshot_fix import fserrors, names, osfiles, signals, store
 from dlc_snapshot_fix.discover import PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath, model_roots
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project
-from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status, show_tracebacks, tracebacks_shown
+from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status, backup_cost, show_tracebacks, tracebacks_shown
 from dlc_snapshot_fix.shards import ROW_FIELDS, Shard, merge_reports, write_rows_csv
 
 __all__ = ["ROW_FIELDS", "ArchiveReport", "Shard", "find_projects", "merge_reports", "migrate_archive"]
@@ -34,7 +35,8 @@ def find_projects(root: Path) -> tuple[list[Path], list[SkippedPath]]:
     skipped: list[SkippedPath] = []
 
     def unreadable(error: OSError) -> None:
-        skipped.append(SkippedPath(Path(error.filename), f"cannot be read ({error.strerror}); not searched", True))
+        what = fserrors.meaning(error)[0]
+        skipped.append(SkippedPath(Path(error.filename), f"cannot be read: {what}; not searched", True))
 
     for current, subdirs, _ in os.walk(root, onerror=unreadable):
         here = Path(current)
@@ -88,6 +90,8 @@ class ArchiveReport:
                         "status": result.status.value,
                         "method": result.method,
                         "method_note": result.method_note,
+                        "kept_by": result.kept_by,
+                        "new_bytes": result.new_bytes,
                         "reason": result.describe(),
                         "size": result.size,
                         "sha256_before": result.sha256_before,
@@ -95,7 +99,8 @@ class ArchiveReport:
                         "seconds": round(result.seconds, 3),
                     }
                 )
-        for project, reason in self.failed_projects:
+        stopped = [(r.project, problem) for r in self.projects for problem in r.problems]
+        for project, reason in [*stopped, *self.failed_projects]:  # a project stopped part-way, or never started
             rows.append(
                 {"project": str(project), "path": str(project), "status": Status.FAILED.value, "reason": reason}
             )
@@ -124,10 +129,50 @@ class ArchiveReport:
                 methods[row["method"]] = methods.get(row["method"], 0) + 1
         if "append" in methods or any(row.get("method_note") for row in rows):  # the append was asked for
             text += f" ({methods.get('append', 0)} by append, {methods.get('rewrite', 0)} by rewrite)"
-        return (
-            f"archive {self.root} (shard {self.shard}): {len(self.projects)} projects, {text}, "
-            f"{len(self.skipped)} paths skipped" + (" — INTERRUPTED, run again to finish" if self.interrupted else "")
+        text += f", {len(self.skipped)} paths skipped"
+        text += backup_cost(result for report in self.projects for result in report.results)
+        failures = self.failures()
+        if failures:  # the largest cause (every cause is listed above the summary)
+            reason, paths = failures[0]
+            text += f"; most failed because {reason.split('; ')[0]} ({len(paths)})"
+        return f"archive {self.root} (shard {self.shard}): {len(self.projects)} projects, {text}" + (
+            " — INTERRUPTED, run again to finish" if self.interrupted else ""
         )
+
+    def failures(self) -> list[tuple[str, list[Path]]]:
+        """Each reason a snapshot or project failed, once (its project's path said as ``PROJECT``), with where
+        it happened; the most frequent first."""
+        by_reason: dict[str, list[Path]] = {}
+
+        def add(project: Path, reason: str, path: Path) -> None:  # the same cause in any project: one reason
+            by_reason.setdefault(reason.replace(str(project), "PROJECT"), []).append(path)
+
+        for report in self.projects:
+            for problem in report.problems:
+                add(report.project, problem, report.project)
+            for result in report.results:
+                if not result.ok:
+                    reason = result.reason if result.status == Status.FAILED and result.reason else result.describe()
+                    add(report.project, reason, result.path)
+        for project, reason in self.failed_projects:
+            add(project, reason, project)
+        return sorted(by_reason.items(), key=lambda item: -len(item[1]))
+
+    def failure_lines(self, shown: int = 5) -> list[str]:
+        """The failures for a console: each reason once, then up to ``shown`` of the paths it stopped."""
+        lines = []
+        for reason, paths in self.failures():
+            lines.append(f"failed ({len(paths)}): {reason}")
+            lines += [f"    {self._relative(path)}" for path in paths[:shown]]
+            if len(paths) > shown:
+                lines.append(f"    ... and {len(paths) - shown} more (--json or --csv lists them all)")
+        return lines
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,15 +192,24 @@ class ArchiveReport:
         write_rows_csv(self.rows(), path)
 
 
-def _migrate_in_worker(project: Path, write: bool, options: MigrationOptions) -> ProjectReport | str:
-    """Runs in a worker process; a busy or unreadable project comes back as a reason string."""
+def _migrate_in_worker(
+    project: Path, write: bool, options: MigrationOptions, volume: osfiles.Volume | None
+) -> ProjectReport | str:
+    """Runs in a worker process; a busy or unreadable project comes back as a reason string.
+
+    ``volume``: the file system the project was found on when the run started. If it went
+    away since, that is the reason given (not the missing ``config.yaml`` it causes).
+    """
     if signals.stopping():  # queued before this worker was told to stop
         return "skipped: not started: the run was stopped; run again to finish"
     try:
-        return migrate_project(project, write=write, options=options)
+        return migrate_project(project, write=write, options=options, volume=volume)
     except ProjectBusyError as error:
         return f"skipped: {error}"
     except Exception as error:  # one broken project must not stop the archive
+        why = volume.gone() if volume is not None else None
+        if why is not None:
+            return f"failed: {osfiles.FileSystemGoneError(project, why)}"
         return f"failed: {type(error).__name__}: {error}"
 
 
@@ -183,6 +237,10 @@ def migrate_archive(
     projects, skipped = find_projects(root)
     mine = [p for p in projects if shard.owns(p.relative_to(root).as_posix())]
     report = ArchiveReport(root=root, shard=str(shard), skipped=skipped)
+    volumes: dict[Path, osfiles.Volume | None] = dict.fromkeys(mine)
+    for project in mine:  # where each project is now: a share that goes away later is told apart from a bad project
+        with contextlib.suppress(OSError):
+            volumes[project] = osfiles.Volume(project)
     if on_plan is not None:
         on_plan(mine)
 
@@ -201,7 +259,7 @@ def migrate_archive(
     if jobs <= 1:
         try:
             for project in mine:
-                record(project, _migrate_in_worker(project, write, options))
+                record(project, _migrate_in_worker(project, write, options, volumes[project]))
         except KeyboardInterrupt:
             report.interrupted = True
     else:
@@ -213,7 +271,7 @@ def migrate_archive(
         futures: dict[concurrent.futures.Future, Path] = {}
         try:
             for project in mine:
-                futures[pool.submit(_migrate_in_worker, project, write, options)] = project
+                futures[pool.submit(_migrate_in_worker, project, write, options, volumes[project])] = project
             for future in concurrent.futures.as_completed(futures):
                 record(futures[future], future.result())
         except (KeyboardInterrupt, concurrent.futures.process.BrokenProcessPool):

@@ -70,8 +70,6 @@ def _escape_unencodable(error: UnicodeError) -> tuple[str | bytes, int]:
     return "".join(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}" for char in text), error.end
 
 
-
-
 def _fail(message: object, code: ExitCode) -> NoReturn:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
@@ -283,8 +281,11 @@ def _run_archive(
     progress = _ArchiveProgress(enabled=sys.stderr.isatty() and not quiet, quiet=quiet)
     last_saved = [time.monotonic()]
 
+    only_json = json_path == "-"  # the report alone on stdout: a file is saved as the run goes on only if named
+    quiet = quiet or only_json
+
     def save_so_far(report: ArchiveReport) -> None:
-        if json_path and time.monotonic() - last_saved[0] >= PROGRESS_SAVE_SECONDS:
+        if json_path and not only_json and time.monotonic() - last_saved[0] >= PROGRESS_SAVE_SECONDS:
             report.write_json(Path(json_path))
             last_saved[0] = time.monotonic()
 
@@ -307,13 +308,18 @@ def _run_archive(
         _fail(
             f"no DeepLabCut project (a config.yaml beside dlc-models-pytorch) found in or below {root}", ExitCode.USAGE
         )
-    if json_path:
-        report.write_json(Path(json_path))
     if csv_path:
         report.write_csv(Path(csv_path))
+    if only_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        sys.exit(report.exit_code())
+    if json_path:
+        report.write_json(Path(json_path))
     for skipped in report.skipped:
         if not quiet:
             click.secho(f"skipped {skipped.path}: {skipped.reason}", fg="red" if skipped.problem else "yellow")
+    for line in [] if quiet else report.failure_lines():
+        click.secho(line, fg="red")
     click.echo(report.summary())
     sys.exit(report.exit_code())
 
@@ -338,7 +344,7 @@ class _ArchiveProgress:
         self.finished += 1
         if isinstance(outcome, ProjectReport):
             self.files += len(outcome.results)
-            summary = outcome.render_lines()[-1][0]
+            summary = outcome.render_lines()[-1][0] + "".join(f"; problem: {p}" for p in outcome.problems)
             size = sum(r.size or 0 for r in outcome.results)
         else:
             summary, size = outcome, 0

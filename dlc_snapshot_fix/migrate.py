@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dlc_snapshot_fix import names, osfiles, pickled, rezip, signals, store, transforms, verify, zipappend
+from dlc_snapshot_fix import fserrors, names, osfiles, pickled, rezip, signals, store, transforms, verify, zipappend
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
 from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot, read_recorded
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 0
 """Another run holding the project's lock makes this one stop at once rather than wait."""
+
+
+KEPT_BY = {"hardlink": "hard link", "copy": "copy", "existing": "earlier backup"}
+"""The manifest's ``backup_method`` in a report's words."""
 
 
 class ProjectBusyError(RuntimeError):
@@ -67,6 +71,7 @@ def migrate_project(
     write: bool = True,
     options: MigrationOptions | None = None,
     on_result: Callable[[SnapshotResult], None] | None = None,
+    volume: osfiles.Volume | None = None,
     **option_flags: bool,
 ) -> ProjectReport:
     """Strip wrapper prefixes (and, if asked, apply the legacy clean-ups) in every snapshot at ``path``.
@@ -74,21 +79,31 @@ def migrate_project(
     With ``write=False`` nothing is written (no lock, no manifest, no backup) and
     snapshots that need work are reported as ``needs fix``. Options come as a
     :class:`MigrationOptions` or as its fields by keyword (``check_model=False``).
+    ``volume``: the file system the project was found on (default: where it is now); if it
+    goes away, the run stops writing there and says so in ``report.problems``.
     """
     options = replace(options or MigrationOptions(), **option_flags)  # type: ignore[arg-type]
     inventory = discover_project(path)
     report = _new_report(inventory, "migrate" if write else "check")
     checker = ModelChecker(enabled=options.check_model)
     with contextlib.ExitStack() as cleanup:
-        writer = _ProjectWriter(inventory, report, cleanup) if write else None
-        if writer is not None and store.stale_temps(writer.temp_folders()):
-            writer.manifest()  # an interrupted run left debris: take the lock and clean it up
-        for index, snapshot_file in enumerate(inventory.snapshots):
+        writer = (
+            _ProjectWriter(inventory, report, cleanup, volume or osfiles.Volume(inventory.project)) if write else None
+        )
+        try:
+            if writer is not None and store.stale_temps(writer.temp_folders()):
+                writer.manifest()  # an interrupted run left debris: take the lock and clean it up
+            for index, snapshot_file in enumerate(inventory.snapshots):
+                if writer is not None:
+                    writer.upcoming = (
+                        inventory.snapshots[index + 1].path if index + 1 < len(inventory.snapshots) else None
+                    )
+                _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, options), on_result)
             if writer is not None:
-                writer.upcoming = inventory.snapshots[index + 1].path if index + 1 < len(inventory.snapshots) else None
-            _record(report, _migrate_one(snapshot_file, inventory.project, writer, checker, options), on_result)
-        if writer is not None:
-            writer.finish()
+                writer.finish()
+        except osfiles.FileSystemGoneError as gone:
+            unfinished = len(inventory.snapshots) - len(report.results)
+            report.problems.append(f"{gone} ({unfinished} snapshot(s) not done: the next run looks at them)")
     return report
 
 
@@ -98,10 +113,13 @@ class _ProjectWriter:
     Lazily, so that a run with nothing to do writes nothing at all (not even a lock file).
     """
 
-    def __init__(self, inventory: ProjectInventory, report: ProjectReport, cleanup: contextlib.ExitStack):
+    def __init__(
+        self, inventory: ProjectInventory, report: ProjectReport, cleanup: contextlib.ExitStack, volume: osfiles.Volume
+    ):
         self.inventory = inventory
         self.report = report
         self._cleanup = cleanup
+        self.volume = volume
         self._manifest: store.Manifest | None = None
         self._hashes: store.HashAhead | None = None
         self.upcoming: Path | None = None
@@ -120,8 +138,9 @@ class _ProjectWriter:
     def manifest(self) -> store.Manifest:
         if self._manifest is None:
             project = self.inventory.project
+            self.volume.check()
             self._cleanup.enter_context(_project_lock(project))
-            self._manifest = store.Manifest(project)
+            self._manifest = store.Manifest(project, guard=self.volume.check)
             if removed := store.remove_stale_temps(self.temp_folders()):
                 self.report.warnings.append(f"removed {removed} temp file(s) left by an interrupted run")
             for undone in _finish_interrupted_appends(self._manifest, project):
@@ -129,8 +148,8 @@ class _ProjectWriter:
         return self._manifest
 
     def finish(self) -> None:
-        """Save what is left unsaved (entries marked done after their journal was written)."""
-        if self._manifest is not None:
+        """Save what is left unsaved (entries marked done after their journal was written); never an empty one."""
+        if self._manifest is not None and (self._manifest.entries or self._manifest.path.exists()):
             self._manifest.save()
 
     def temp_folders(self) -> list[Path]:
@@ -200,14 +219,23 @@ def _project_lock(project: Path) -> Iterator[None]:
     import filelock  # (imports asyncio: a cost only a writing run pays)
 
     lock_file = names.lock_path(project)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock_file.parent.mkdir(exist_ok=True)  # in the project, never a path to it (its drive may have gone away)
+    lock = filelock.FileLock(lock_file, timeout=LOCK_TIMEOUT_S)
     try:
-        with filelock.FileLock(lock_file, timeout=LOCK_TIMEOUT_S):
-            yield
+        lock.acquire()
     except filelock.Timeout as error:
         raise ProjectBusyError(
             f"{project}: another dlc-snapshot-fix run holds {lock_file}; wait for it to finish, then run again"
         ) from error
+    except OSError as error:  # a share that refuses locks (or the lock file): no snapshot of it can be written
+        raise ProjectBusyError(
+            fserrors.reason(error, f"{project}: cannot take the lock {lock_file}", "nothing was written", "Fix that")
+        ) from error
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # a share that went away takes the lock with it: nothing to release
+            lock.release()
 
 
 @dataclass
@@ -377,7 +405,7 @@ def _migrate_one(
     before = _identity_or_none(snapshot_file.path)
     try:
         _migrate_fenced(result, snapshot_file, project, writer, checker, options)
-    except (ProjectBusyError, store.ManifestError):
+    except (ProjectBusyError, store.ManifestError, osfiles.FileSystemGoneError):
         raise  # about the whole project, not this file: the caller stops the project
     except Exception as error:
         logger.debug("%s: unexpected error", snapshot_file.path, exc_info=True)
@@ -405,7 +433,7 @@ def _migrate_fenced(
         result.size = path.stat().st_size
         plan = _plan(snapshot_file, options, write=writer is not None)
         if plan.changes and writer is not None:
-            manifest = writer.manifest()
+            writer.manifest()  # the lock, before looking again
             if store.file_identity(path) != seen:  # another run rewrote it before we held the lock: look again
                 plan = _plan(snapshot_file, options, write=True)
     except (SnapshotReadError, transforms.SnapshotFormatError, OSError) as error:
@@ -425,7 +453,7 @@ def _migrate_fenced(
             _copy_elsewhere(result, project, options.backup_dir)
         if writer is not None and result.status != Status.FAILED:
             if plan.append is not None:
-                _append(result, project, manifest, plan, options.hash_files)
+                _append(result, writer, plan, options.hash_files)
             else:
                 _rewrite(result, writer, plan, options.trust)
     if result.status == Status.FAILED or snapshot_file.role == "exported":
@@ -460,11 +488,13 @@ def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust:
     path, destination = result.path, plan.destination
     project, manifest = writer.inventory.project, writer.manifest()
     try:
+        writer.volume.check()
         store.ensure_writable(path.parent)
         result.sha256_before = result.sha256_before or writer.sha256_before_rewrite(path)  # (--backup-dir: hashed)
         backup = names.backup_path(project, path, result.sha256_before)
         _fits_windows_paths(backup, names.temp_path(destination, "0" * 8))
-        method = store.keep_original(path, backup, result.sha256_before)
+        method = store.keep_original(path, backup, result.sha256_before, then_writing=result.size or 0)
+        result.kept_by = KEPT_BY[method]
         renamed_from = path if destination != path else None
         entry = manifest.add(destination, backup, result.sha256_before, method, "; ".join(plan.changes), renamed_from)
         result.backup = backup
@@ -493,15 +523,22 @@ def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust:
             path.unlink()  # its bytes are the backup's
             store.fsync_dir(path.parent)
             result.renamed_to = destination
+    except osfiles.FileSystemGoneError:
+        raise
     except Exception as error:  # the snapshot path still holds the original: report, and go on
-        detail = _describe(error)
+        _stop_if_gone(writer.volume, path.parent)
         result.status = Status.FAILED
-        result.reason = f"could not write ({detail}); the snapshot is unchanged. Fix that, run again"
+        result.reason = fserrors.reason(
+            error, "could not write", "the snapshot is unchanged", "Fix that, then run again"
+        )
         return
     # proven before it replaced the original (_check_rezipped, _read_back_before_the_swap); the same inode since
     entry.state = "done"
     manifest.save()
     result.status = Status.FIXED
+    with contextlib.suppress(OSError):  # blocks a copy-on-write file system cloned from the original cost nothing
+        written = destination.stat().st_size - (osfiles.shared_bytes(destination) or 0)
+        result.new_bytes = written + (result.size or 0 if method == "copy" else 0)
 
 
 def _fits_windows_paths(*paths: Path) -> None:
@@ -561,20 +598,22 @@ def _copy_elsewhere(result: SnapshotResult, project: Path, backup_dir: Path | No
         sha = store.sha256_of(result.path)
         store.keep_original(result.path, target, sha, link=False)
     except Exception as error:
-        detail = _describe(error)
         result.status = Status.FAILED
-        result.reason = f"could not copy it to the backup folder ({detail}); the snapshot is unchanged"
+        result.reason = fserrors.reason(
+            error, "could not copy it to the backup folder", "the snapshot is unchanged", "Fix that, then run again"
+        )
         return
     result.sha256_before = result.sha256_before or sha
     result.extra_backup = target
 
 
-def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, plan: _Plan, hash_files: bool) -> None:
+def _append(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, hash_files: bool) -> None:
     """The fast path: journal in the manifest, append, read the new pickle back; on a difference, truncate."""
     assert plan.append is not None and plan.result_pickle is not None
     layout, new_pickle = plan.append, plan.result_pickle
-    path = result.path
+    path, manifest = result.path, writer.manifest()
     try:
+        writer.volume.check()
         body, end = zipappend.build_tail(layout, new_pickle)
         store.ensure_space(path.parent, len(body) + len(end))
         if hash_files and result.sha256_before is None:  # (--backup-dir has hashed it already)
@@ -590,12 +629,17 @@ def _append(result: SnapshotResult, project: Path, manifest: store.Manifest, pla
             state="writing",  # the journal: path, original size and fingerprint, durable before the first byte
         )
         zipappend.append(path, layout.size, body, end)
+    except osfiles.FileSystemGoneError:
+        raise
     except Exception as error:
-        detail = _describe(error)
+        _stop_if_gone(writer.volume, path.parent)
         result.status = Status.FAILED
-        result.reason = f"could not append ({detail}); run again to finish (a partial append is undone first)"
+        result.reason = fserrors.reason(
+            error, "could not append", "a partial append is undone by the next run", "Fix that, then run again"
+        )
         return
     result.backup = None
+    result.kept_by, result.new_bytes = "append", len(body) + len(end)
     problems = _append_read_back(path, layout, new_pickle, plan.fixed)
     if problems:
         zipappend.truncate(path, layout.size)
@@ -716,6 +760,21 @@ def _describe(error: Exception) -> str:
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
+def _stop_if_gone(volume: osfiles.Volume, folder: Path) -> None:
+    """After a failed write: if the drive or share went away, that stops the project (not just this file).
+
+    A temp file of the write may be left on it, where nothing can reach it now: the next
+    run removes it (its name matches no snapshot DeepLabCut lists).
+    """
+    why = volume.gone()
+    if why is not None:
+        raise osfiles.FileSystemGoneError(
+            volume.folder,
+            why,
+            f"A temp file of the write in hand may be left in {folder} there: the next run removes it. ",
+        )
+
+
 def _identity_or_none(path: Path) -> tuple[int, int, int] | None:
     try:
         return store.file_identity(path)
@@ -738,5 +797,7 @@ def _failure_reason(error: Exception) -> str:
     if isinstance(error, SnapshotReadError):
         return f"{error.problem}. {error.advice}"
     if isinstance(error, OSError):
-        return f"cannot be read ({error.strerror or error}). Check its permissions, then run again"
+        return fserrors.reason(
+            error, "cannot be read", "the file is left as it is", "Check its permissions, then run again"
+        )
     return f"{error}. The file is left as it is"

@@ -30,6 +30,14 @@ call              Linux and macOS                        Windows
 ``torch``         name is not valid UTF-8 (``LC_ALL=C``)  Unicode)
 ``too_long_for_`` ``None``                               a path of 260 characters or more, unless
 ``windows``                                              ``LongPathsEnabled`` is set
+``Volume``        ``st_dev`` of the project folder,       ``st_dev``: the volume's serial number
+                  checked before each write (a share
+                  that went away leaves a local folder)
+``copy_range``    Linux: ``copy_file_range`` (btrfs and  read and write through this process
+                  xfs clone block-aligned ranges);
+                  macOS: read and write
+``shared_bytes``  Linux: ``FS_IOC_FIEMAP``'s shared       ``None`` (not asked)
+                  extents; macOS ``None``
 ================  =====================================  ==============================================
 
 What every platform shares: a file is replaced only by ``replace`` and only after this
@@ -42,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
 import sys
 import threading
 import time
@@ -150,13 +159,26 @@ def read_only(folder: Path | str) -> bool | None:
         return None
 
 
+CLONE_BLOCK = 4096
+"""The block size copy-on-write file systems share (btrfs, xfs, APFS; ReFS's small clusters)."""
+
+
 def copy_range(source: int, target: int, offset: int, count: int, chunk: int = 1 << 20) -> None:
-    """``count`` bytes from ``offset`` of ``source`` to where ``target`` stands: in the kernel where it can."""
+    """``count`` bytes from ``offset`` of ``source`` to where ``target`` stands: in the kernel where it can.
+
+    The kernel clones whole blocks instead of copying them (btrfs, xfs: reflinks) where both
+    offsets are on a block boundary: so the first call goes only up to ``source``'s next
+    boundary, and the rest is cloned if ``target`` stands at the same offset modulo
+    :data:`CLONE_BLOCK` (the caller's layout sees to that).
+    """
     done, kernel = 0, getattr(os, "copy_file_range", None)  # Linux only
     while done < count:
         if kernel is not None:
+            step = min(count - done, 1 << 30)
+            if done == 0 and offset % CLONE_BLOCK:
+                step = min(step, CLONE_BLOCK - offset % CLONE_BLOCK)
             try:
-                copied = kernel(source, target, min(count - done, 1 << 30), offset + done)
+                copied = kernel(source, target, step, offset + done)
             except OSError as error:
                 if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
@@ -230,3 +252,78 @@ def _long_paths_enabled() -> bool:
             return bool(winreg.QueryValueEx(key, "LongPathsEnabled")[0])
     except OSError:
         return False
+
+
+class FileSystemGoneError(RuntimeError):
+    """The folder a run writes in is no longer on the file system it was found on (a share went away)."""
+
+    def __init__(self, folder: Path, why: str, left_behind: str = ""):
+        super().__init__(
+            f"the drive or share holding {folder} went away ({why}); nothing was written there since. "
+            f"{left_behind}Run again when it is back: finished snapshots are not redone"
+        )
+        self.folder, self.why = folder, why
+
+
+class Volume:
+    """The file system a folder was found on, to check before each write that it still is.
+
+    A share that goes away mid-run (unmounted, its connection lost) leaves its mount point
+    behind as an ordinary folder of the local disk: a write that created folders there would
+    land on the wrong drive. The identity is the device number (``st_dev``: on Windows the
+    volume's serial number); each FUSE mount gets a new one, so a share mounted again is
+    another volume too.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.device = os.stat(self.folder).st_dev
+
+    def gone(self) -> str | None:
+        """Why the folder is no longer on its file system (``None`` while it is)."""
+        try:
+            device = os.stat(self.folder).st_dev
+        except OSError as error:
+            return error.strerror or str(error)
+        return None if device == self.device else "another file system is mounted there now"
+
+    def check(self) -> None:
+        """Raise :class:`FileSystemGoneError` if the folder's file system went away."""
+        why = self.gone()
+        if why is not None:
+            raise FileSystemGoneError(self.folder, why)
+
+
+_FIEMAP = struct.Struct("=QQIIII")
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
+_FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_FLAG_SYNC, _FIEMAP_EXTENT_LAST, _FIEMAP_EXTENT_SHARED = 0x1, 0x1, 0x2000
+
+
+def shared_bytes(path: Path | str) -> int | None:
+    """How many of the file's bytes share blocks with another file (a reflink clone); ``None`` where the
+    platform cannot tell (Linux asks ``FS_IOC_FIEMAP``; other systems, and file systems without it, do not)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+
+    shared, start, batch = 0, 0, 256
+    with open(path, "rb") as stream:
+        while True:
+            request = bytearray(_FIEMAP.pack(start, 2**64 - 1 - start, _FIEMAP_FLAG_SYNC, 0, batch, 0))
+            request += bytes(_FIEMAP_EXTENT.size * batch)
+            try:
+                fcntl.ioctl(stream.fileno(), _FS_IOC_FIEMAP, request)
+            except OSError:
+                return None
+            mapped = _FIEMAP.unpack_from(request)[3]
+            if mapped == 0:
+                return shared
+            for index in range(mapped):
+                logical, _, length, _, _, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                    request, _FIEMAP.size + index * _FIEMAP_EXTENT.size
+                )
+                shared += length if flags & _FIEMAP_EXTENT_SHARED else 0
+                start = logical + length
+                if flags & _FIEMAP_EXTENT_LAST:
+                    return shared

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dlc_snapshot_fix import osfiles
+from dlc_snapshot_fix import fserrors, osfiles
 
 if TYPE_CHECKING:
     from dlc_snapshot_fix.zipappend import ZipLayout
@@ -158,7 +158,7 @@ def load_snapshot(path: Path, *, trust: bool = False) -> dict[str, Any]:
         detail = _line_with(error, "WeightsUnpickler error") or "its pickle cannot be read"
         raise SnapshotReadError(path, f"damaged or not a torch file ({detail})", _CORRUPT_ADVICE) from error
     except OSError as error:
-        raise SnapshotReadError(path, f"cannot be read ({error.strerror or error})", _OS_ADVICE) from error
+        raise _unreadable(path, error) from error
     except Exception as error:  # arbitrary bytes make torch's reader fail in arbitrary ways
         raise SnapshotReadError(path, f"damaged or not a torch file ({_first_line(error)})", _CORRUPT_ADVICE) from error
     if not isinstance(loaded, dict):
@@ -202,13 +202,19 @@ _CORRUPT_ADVICE = "Copy it again from its source or restore it from a backup"
 _OS_ADVICE = "Check the file's permissions and that the disk is mounted, then run again"
 
 
+def _unreadable(path: Path, error: OSError) -> SnapshotReadError:
+    """The file system refused a read: its meaning and advice (a lost share is not a permission problem)."""
+    what, advice = fserrors.meaning(error)
+    return SnapshotReadError(path, f"cannot be read: {what}", advice or _OS_ADVICE)
+
+
 def _precheck(path: Path) -> None:
     """Cheap checks that give a better message than torch's for the usual broken files."""
     try:
         with open(path, "rb") as stream:
             head = stream.read(len(LFS_POINTER_START))
     except OSError as error:
-        raise SnapshotReadError(path, f"cannot be read ({error.strerror or error})", _OS_ADVICE) from error
+        raise _unreadable(path, error) from error
     if not head:
         raise SnapshotReadError(path, "empty file (0 bytes), probably an interrupted copy", _CORRUPT_ADVICE)
     if head.startswith(LFS_POINTER_START):
@@ -317,7 +323,7 @@ def read_recorded(path: Path, *, written_here: bytes | None = None) -> RecordedS
     except zipappend.NotAppendable as error:
         raise pickled.NotRecordable(str(error)) from error
     except OSError as error:
-        raise SnapshotReadError(path, f"cannot be read ({error.strerror or error})", _OS_ADVICE) from error
+        raise _unreadable(path, error) from error
     return RecordedSnapshot(snapshot, order, checked.pickle_bytes, layout)
 
 

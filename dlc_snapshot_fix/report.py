@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,11 @@ class SnapshotResult:
     """How a changed snapshot is (or, for ``needs fix``, will be) written: ``append`` or ``rewrite``."""
     method_note: str | None = None
     """Why ``--method append`` was asked and this snapshot takes (or will take) the rewrite."""
+    kept_by: str | None = None
+    """How the original was kept: ``hard link``, ``copy`` (a drive that cannot link: its full size again),
+    ``earlier backup`` (an interrupted run's), or ``append`` (its bytes are the file's start)."""
+    new_bytes: int | None = None
+    """New space the change took on the drive: the new file (and the copy of the original), or the appended tail."""
     seconds: float = 0.0
 
     @property
@@ -132,6 +138,8 @@ class ProjectReport:
                     "changes": r.changes,
                     "method": r.method,
                     "method_note": r.method_note,
+                    "kept_by": r.kept_by,
+                    "new_bytes": r.new_bytes,
                     "renamed_to": str(r.renamed_to) if r.renamed_to else None,
                     "hints": r.hints,
                     "notes": r.notes,
@@ -195,7 +203,7 @@ class ProjectReport:
         misfits = sum(not r.fits_model for r in self.results)
         if misfits:
             counts += f", {misfits} not loading into their model"
-        lines.append((f"summary: {counts}", None))
+        lines.append((f"summary: {counts}{backup_cost(self.results)}", None))
         return lines
 
     def _relative(self, path: Path) -> str:
@@ -203,6 +211,21 @@ class ProjectReport:
             return str(Path(path).relative_to(self.project))
         except ValueError:
             return str(path)
+
+
+def backup_cost(results: Iterable[SnapshotResult]) -> str:
+    """``"; originals kept: 2 by hard link, 1 by copy; 310 MiB of new space"`` (empty if nothing was written)."""
+    kept: dict[str, int] = {}
+    new_bytes = 0
+    for result in results:
+        if result.kept_by is not None and result.status == Status.FIXED:
+            kept[result.kept_by] = kept.get(result.kept_by, 0) + 1
+            new_bytes += result.new_bytes or 0
+    if not kept:
+        return ""
+    ways = ", ".join(f"{count} by {way}" for way, count in sorted(kept.items()))
+    space = f"{new_bytes / 2**20:.1f} MiB" if new_bytes >= 2**20 else f"{new_bytes / 2**10:.1f} KiB"
+    return f"; originals kept: {ways}; {space} of new space"
 
 
 def show_tracebacks() -> None:

@@ -6,9 +6,13 @@ So the new file is: a new ``data.pkl`` record laid out as torch's writer lays it
 descriptor); the next record's local header with its padding computed again for where it
 now starts; then the rest of the original, from that record's bytes to its central
 directory, copied by the kernel (``os.copy_file_range``); then the central directory with
-the new offsets, and the end records. Every record after the second moves by a multiple
-of 64 bytes, so its padding is exactly what torch would write. No tensor is built, and
-memory stays flat in the snapshot's size. A file laid out any other way (another writer,
+the new offsets, and the end records. The second record's padding puts its bytes at the
+original's offset modulo 4 KiB (up to 4 KiB of padding, where torch pads to 64 bytes; any
+zip reader skips it): every record after it moves by a multiple of 4 KiB, so its padding
+is exactly what torch would write, and on a copy-on-write file system (btrfs, xfs with
+reflink) the kernel clones the copied range's blocks instead of writing them, so the new
+file takes only the space of its first and last blocks. No tensor is built, and memory
+stays flat in the snapshot's size. A file laid out any other way (another writer,
 4 GiB or more, zip64 fields in its directory) is not taken: torch rewrites it instead.
 
 :func:`read_back` proves the new file before it replaces the original: each record's
@@ -119,10 +123,12 @@ def _is_padding(extra: bytes) -> bool:
     return field_id == PADDING_ID and length == len(extra) - 4 and extra[4:] == b"Z" * length
 
 
-def _local_header(fields: tuple, cursor: int, name: bytes) -> bytes:
-    """A local header at ``cursor`` as torch's writer makes it: ``FB`` padding so the bytes start aligned."""
+def _local_header(fields: tuple, cursor: int, name: bytes, bytes_at: int | None = None) -> bytes:
+    """A local header at ``cursor`` as torch's writer makes it: ``FB`` padding so the bytes start aligned
+    (at ``bytes_at`` modulo :data:`osfiles.CLONE_BLOCK`, if given)."""
     start = cursor + LOCAL.size + len(name) + 4
-    padding = b"Z" * (-start % ALIGNMENT)
+    aligned = -start % ALIGNMENT if bytes_at is None else (bytes_at - start) % osfiles.CLONE_BLOCK
+    padding = b"Z" * aligned
     extra = struct.pack("<HH", PADDING_ID, len(padding)) + padding
     return LOCAL.pack(LOCAL_SIG, *fields[1:9], len(name), len(extra)) + name + extra
 
@@ -136,7 +142,8 @@ def build(rezip: RezipPlan, new_pickle: bytes) -> tuple[bytes, bytes]:
         + new_pickle
         + DESCRIPTOR.pack(DESCRIPTOR_SIG, crc, size, size)
     )
-    head = first + _local_header(rezip.second_local, len(first), rezip.second.name.encode())
+    # the copied range keeps its offset modulo the block size: copy-on-write file systems clone its blocks
+    head = first + _local_header(rezip.second_local, len(first), rezip.second.name.encode(), rezip.copy_from)
     shift = len(head) - rezip.copy_from
     directory = []
     for record in layout.records:

@@ -17,7 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROW_FIELDS = ("project", "path", "status", "method", "reason", "size", "sha256_before", "sha256_after", "seconds")
+ROW_FIELDS = (
+    "project",
+    "path",
+    "status",
+    "method",
+    "kept_by",
+    "new_bytes",
+    "reason",
+    "size",
+    "sha256_before",
+    "sha256_after",
+    "seconds",
+)
 
 
 @dataclass(frozen=True)

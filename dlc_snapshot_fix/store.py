@@ -103,12 +103,14 @@ def fsync_dir(folder: Path) -> None:
     osfiles.flush_dir(folder)
 
 
-def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = True) -> str:
+def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = True, then_writing: int = 0) -> str:
     """Keep ``snapshot``'s current bytes at ``backup``; return how (``"hardlink"``, ``"copy"`` or ``"existing"``).
 
     A hard link where allowed (and ``link``), else a copy that is fsynced and checked
     against ``sha256`` before it takes the backup's name. An existing backup with the
-    same content (an earlier, interrupted run) is reused.
+    same content (an earlier, interrupted run) is reused. Before a copy, the space for it
+    and for the ``then_writing`` bytes of the new file to follow is checked: a drive that
+    cannot hold both refuses before either is written.
     """
     if backup.exists():
         if sha256_of(backup) == sha256:
@@ -123,7 +125,8 @@ def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = Tru
         except OSError:  # any refusal (exFAT and FAT say EINVAL or EPERM, shares EXDEV...): a verified copy instead
             pass
     if method == "copy":
-        ensure_space(backup.parent, snapshot.stat().st_size)
+        what = "a copy of the original" + (" and the new file" if then_writing else "")
+        ensure_space(backup.parent, snapshot.stat().st_size + then_writing, what)
         partial = names.temp_path(backup, secrets.token_hex(4))
         try:
             with open(snapshot, "rb") as source, open(partial, "xb") as target:
@@ -142,11 +145,14 @@ def keep_original(snapshot: Path, backup: Path, sha256: str, *, link: bool = Tru
 class NotEnoughSpaceError(OSError):
     """Checked before writing: the file system cannot hold what the next step writes."""
 
-    def __init__(self, folder: Path, needed: int, free: int):
+    worded = True
+    """Its message says what happened in full (:func:`fserrors.meaning` adds only the advice)."""
+
+    def __init__(self, folder: Path, needed: int, free: int, what: str = ""):
+        for_what = f" for {what}" if what else ""
         super().__init__(
             errno.ENOSPC,
-            f"not enough space in {folder}: {needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free. "
-            "Free some space (or move the project), then run again: finished snapshots are not redone",
+            f"not enough space in {folder}: {needed / 2**20:.0f} MiB needed{for_what}, {free / 2**20:.0f} MiB free",
         )
 
 
@@ -155,10 +161,11 @@ def space_needed(size: int) -> int:
     return size + max(size // 100, 4 << 20)
 
 
-def ensure_space(folder: Path, size: int) -> None:
+def ensure_space(folder: Path, size: int, what: str = "") -> None:
+    """Refuse before writing ``size`` bytes (``what`` they are, for the message) where they do not fit."""
     free = shutil.disk_usage(folder).free
     if free < space_needed(size):
-        raise NotEnoughSpaceError(folder, space_needed(size), free)
+        raise NotEnoughSpaceError(folder, space_needed(size), free, what)
 
 
 def ensure_writable(folder: Path) -> None:
@@ -273,9 +280,10 @@ class _HashingWriter(io.RawIOBase):
             self.stream.flush()
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str, *, make_folders: bool = True) -> None:
     """A small file (manifest, report) written to a temp file, fsynced, swapped in: whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_folders:
+        path.parent.mkdir(parents=True, exist_ok=True)
     temp = names.temp_path(path, secrets.token_hex(4))
     try:
         with open(temp, "x", encoding="utf-8") as stream:
@@ -380,9 +388,11 @@ class ManifestError(RuntimeError):
 class Manifest:
     """The project's record of rewrites, ``.dlc-snapshot-fix/manifest.json``, saved atomically."""
 
-    def __init__(self, project: Path):
+    def __init__(self, project: Path, guard: Callable[[], None] | None = None):
         self.project = project
         self.path = names.manifest_path(project)
+        self._guard = guard
+        """Called before each save: raises if the project's file system went away (nothing is written then)."""
         self.entries: list[ManifestEntry] = []
         if self.path.exists():
             try:
@@ -426,5 +436,8 @@ class Manifest:
         return entry
 
     def save(self) -> None:
+        """Write the manifest in its folder (made by the project's lock, never here: see :class:`osfiles.Volume`)."""
+        if self._guard is not None:
+            self._guard()
         payload = {"format": 1, "entries": [asdict(entry) for entry in self.entries]}
-        write_text_atomically(self.path, json.dumps(payload, indent=2))
+        write_text_atomically(self.path, json.dumps(payload, indent=2), make_folders=False)

@@ -68,7 +68,7 @@ def test_finds_projects_and_reports_what_it_cannot_search(archive: Path, monkeyp
     reasons = {s.path.relative_to(archive).as_posix(): s.reason for s in skipped}
     assert reasons["2023/loop"] == "a symbolic link loop; not followed"
     assert reasons["old/tensorflow only"].startswith("TensorFlow-only project")
-    assert reasons["locked"].startswith("cannot be read (Permission denied)")
+    assert reasons["locked"].startswith("cannot be read: permission denied (Permission denied)")
 
 
 def test_migrates_an_archive_with_two_jobs(archive: Path, tmp_path: Path):
@@ -93,7 +93,10 @@ def test_migrates_an_archive_with_two_jobs(archive: Path, tmp_path: Path):
     assert fixed["size"] > 0 and len(fixed["sha256_before"]) == 64 and fixed["sha256_after"] != fixed["sha256_before"]
     assert "empty file" in rows[f"2024/clean C/{TRAIN}/snapshot-002.pt"]["reason"]
     header = report_csv.read_text().splitlines()[0]
-    assert header == "project,path,status,method,reason,size,sha256_before,sha256_after,seconds"
+    assert header == "project,path,status,method,kept_by,new_bytes,reason,size,sha256_before,sha256_after,seconds"
+    assert fixed["kept_by"] == "append" and 0 < fixed["new_bytes"] < fixed["size"]  # what keeping the original cost
+    failed_line = next(line for line in result.output.splitlines() if line.startswith("failed (1): "))
+    assert "empty file" in failed_line and "clean C" in result.output.split(failed_line)[1].splitlines()[1]
     assert len(report_csv.read_text().splitlines()) == 6
     summary = "3 projects, 1 already clean, 1 failed, 3 fixed (3 by append, 0 by rewrite), 2 paths skipped"
     assert summary in result.output
@@ -180,6 +183,19 @@ def test_merge_names_shards_that_were_killed_stopped_or_never_reported(tmp_path:
     assert report["missing_shards"] == ["3/4", "4/4"] and report["complete"] is False
     assert sorted(Path(r["file"]).name for r in report["ignored_reports"]) == ["3.json", "other.json"]
     assert [(s["shard"], s["state"]) for s in report["shards"]] == [("1/4", "finished"), ("2/4", "running")]
+
+
+def test_json_to_stdout_is_the_report_alone(archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``--json -`` in archive mode: stdout is one JSON document (no file named ``-`` anywhere)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [str(archive), "--check", "--json", "-"])
+    assert result.exit_code == 3, result.output  # the broken snapshot in "clean C"
+    report = json.loads(result.stdout)
+    assert {Path(r["path"]).name for r in report["snapshots"] if r["status"] == "needs fix"} == {
+        "snapshot-001.pt",
+        "snapshot-002.pt",
+    }
+    assert not (tmp_path / "-").exists() and not (archive / "-").exists()
 
 
 def test_a_project_another_run_holds_is_skipped_with_a_message(archive: Path):

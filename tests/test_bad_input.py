@@ -172,7 +172,8 @@ def test_unreadable_file(project: Path, good: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(reading, "open", guarded_open, raising=False)
     result = run(project)
     assert result.exit_code == 3
-    assert "snapshot-004.pt" in result.output and "cannot be read (Permission denied)" in result.output
+    assert "snapshot-004.pt" in result.output
+    assert "cannot be read: permission denied (Permission denied)" in result.output
     assert bad.read_bytes() == before
     assert_good_migrated(good)
 

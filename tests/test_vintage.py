@@ -100,7 +100,8 @@ def test_one_command_leaves_every_vintage_snapshot_evaluable(release: str, tmp_p
         assert all(any(cured in c for c in row["changes"]) == numpy_refusal_expected(release) for row in done.values())
         assert f"summary: {len(originals)} fixed" in run.stdout
 
-    evaluate(project)
+    if release != "rc6":  # (rc6's bytes are what DeepLabCut evaluated above)
+        evaluate(project)
     assert list(project.glob("evaluation-results-pytorch/iteration-0/*/*-results.csv"))
 
     migrated = snapshot_bytes(project)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pathlib
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,11 @@ def shape(setattr_: Callable[[Any, str, Any], None], delattr_: Callable[[Any, st
 
     for name, checked in (("replace", (0, 1)), ("rename", (0, 1)), ("unlink", (0,)), ("remove", (0,))):
         setattr_(os, name, sharing_rules(name, getattr(os, name), checked))
+    accessor = getattr(pathlib, "_normal_accessor", None)  # Python 3.10's Path methods call os through this
+    if accessor is not None:
+        setattr_(accessor, "link", no_hard_links)
+        for name in ("replace", "rename", "unlink"):
+            setattr_(accessor, name, getattr(os, name))
     setattr_(os, "truncate", sharing_rules("truncate", os.truncate, (0,)))
 
 

@@ -12,6 +12,7 @@ import errno
 import functools
 import gc
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -123,6 +124,7 @@ class _ProjectWriter:
         self._manifest: store.Manifest | None = None
         self._hashes: store.HashAhead | None = None
         self.upcoming: Path | None = None
+        self._copies_announced = False
         """The snapshot after the one in hand: hashed ahead once a rewrite begins (the next likely needs one too)."""
 
     def sha256_before_rewrite(self, path: Path) -> str:
@@ -146,6 +148,22 @@ class _ProjectWriter:
             for undone in _finish_interrupted_appends(self._manifest, project):
                 self.report.warnings.append(f"undid an interrupted append to {undone}")
         return self._manifest
+
+    def announce_copies(self, path: Path) -> None:
+        """The first original this drive could not hard-link: say what copying the rest of them may take."""
+        if self._copies_announced:
+            return
+        self._copies_announced = True
+        snapshots = [f.path for f in self.inventory.snapshots]
+        rest = snapshots[snapshots.index(path) :] if path in snapshots else [path]
+        most = sum(p.stat().st_size for p in rest if p.exists())
+        free = shutil.disk_usage(path.parent).free
+        self.report.warnings.append(
+            f"this drive cannot hard-link: each original is kept as a full, verified copy (up to "
+            f"{most / 2**20:.0f} MiB for the {len(rest)} snapshot(s) from {path.name} on; "
+            f"{free / 2**20:.0f} MiB free). Each copy and its new file are checked against the free space "
+            "before either is written"
+        )
 
     def finish(self) -> None:
         """Save what is left unsaved (entries marked done after their journal was written); never an empty one."""
@@ -495,6 +513,8 @@ def _rewrite(result: SnapshotResult, writer: _ProjectWriter, plan: _Plan, trust:
         _fits_windows_paths(backup, names.temp_path(destination, "0" * 8))
         method = store.keep_original(path, backup, result.sha256_before, then_writing=result.size or 0)
         result.kept_by = KEPT_BY[method]
+        if method == "copy":
+            writer.announce_copies(path)
         renamed_from = path if destination != path else None
         entry = manifest.add(destination, backup, result.sha256_before, method, "; ".join(plan.changes), renamed_from)
         result.backup = backup

@@ -18,29 +18,33 @@ DLC_TESTS="tests/test_verdicts.py tests/test_plugin.py tests/test_numpy_dialects
   tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module"
   # what depends on DeepLabCut's version; the torch-level suites run in the torch cells (3.10: torch 2.6.0)
 TORCH_TESTS="-m not\ deeplabcut\ and\ not\ slurm\ and\ not\ filesystems"  # SLURM and mounts: the main cell
+DLC_CORE_TESTS="tests/test_verdicts.py tests/test_numpy_dialects.py
+  tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it"
 NUMPY_TESTS="$TORCH_TESTS --ignore=tests/test_platforms.py"  # the platform tests do not depend on numpy: 3.10, 3.13
 
 declare -A INSTALL=(
-  [dlc-3.0.0-python-3.12]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.0"  # DeepLabCut's pip install path
+  [dlc-3.0.0]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.0"
   [dlc-3.0.1]="torch==2.6.0 torchvision==0.21.0 deeplabcut==3.0.1"  # the lowest torch pyproject.toml declares
   [torch-numpy1]="torch==2.13.0 numpy==1.26.4 filelock==3.12.0"  # and the lowest filelock declared
   [python-3.10]="torch==2.6.0 numpy>=2,<3"  # numpy 2 and the newest filelock, as in 3.13
+  [python-3.12-dlc]="torch==2.14.1 torchvision==0.29.1 deeplabcut==3.0.2"  # DeepLabCut's pip install path
   [python-3.13]="torch==2.14.1 numpy>=2,<3"  # the newest Python pyproject.toml declares
 )
 declare -A PYTHON_OF=(  # the interpreter a cell's venv is made from (default: python3, 3.11 here)
-  [dlc-3.0.0-python-3.12]="/root/.pyenv/versions/3.12.1/bin/python3"
   [python-3.10]="/root/.pyenv/versions/3.10.13/bin/python3"  # the oldest Python pyproject.toml declares
+  [python-3.12-dlc]="/root/.pyenv/versions/3.12.1/bin/python3"
   [python-3.13]="/root/.pyenv/versions/3.13.0/bin/python3"
 )
 declare -A TESTS=(
-  [dlc-3.0.0-python-3.12]="$DLC_TESTS"
+  [dlc-3.0.0]="$DLC_TESTS"
   [dlc-3.0.1]="$DLC_TESTS"
   [torch-numpy1]="$NUMPY_TESTS"
   [python-3.10]="$TORCH_TESTS"
+  [python-3.12-dlc]="$DLC_CORE_TESTS"  # the rest is Python-agnostic and runs in the 3.10 and 3.13 cells
   [python-3.13]="$TORCH_TESTS"
 )
 CELLS=("$@")
-[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0-python-3.12 dlc-3.0.1 torch-numpy1 python-3.10 python-3.13)
+[ ${#CELLS[@]} -eq 0 ] && CELLS=(dlc-3.0.0 dlc-3.0.1 python-3.12-dlc torch-numpy1 python-3.10 python-3.13)
 
 build() {  # one cell's venv, once per run (a stamp records what it was built from)
   local cell=$1 venv=$ROOT/$1 python=${PYTHON_OF[$1]:-python3}

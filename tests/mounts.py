@@ -155,12 +155,20 @@ class Mounts:
         return self.folder / f"{point.name}-export"
 
     def unmount(self, point: Path, lazy: bool = False) -> None:
-        """Unmount; ``lazy``: detach at once though files are open (``fusermount -uz``, ``umount -l``)."""
+        """Unmount; ``lazy``: detach at once though files are open (``fusermount -uz``, ``umount -l``).
+
+        A drive still busy (a file a failed test left open) is detached lazily all the same.
+        """
         kind = self.points.pop(point)
-        if kind in ("exfat", "sshfs"):
-            _run("fusermount", "-uz" if lazy else "-u", point)
+        command = ["fusermount", "-u"] if kind in ("exfat", "sshfs") else ["umount"]
+        lazily = ["-uz"] if kind in ("exfat", "sshfs") else ["-l"]
+        if lazy:
+            _run(command[0], *lazily, point)
         else:
-            _run("umount", *(["-l"] if lazy else []), point)
+            try:
+                _run(*command, point)
+            except RuntimeError:
+                _run(command[0], *lazily, point)
         if point in self.loops:
             for _ in range(50):  # the FUSE daemon lets go of the device a moment after the unmount
                 if subprocess.run(["losetup", "-d", self.loops[point]], capture_output=True).returncode == 0:

@@ -175,6 +175,10 @@ class Mounts:
                     break
                 time.sleep(0.1)
             del self.loops[point]
+        if not lazy:  # what the drive held is written in its image (or the share's folder): gigabytes per run
+            (self.folder / f"{point.name}.img").unlink(missing_ok=True)
+            if kind == "sshfs":
+                shutil.rmtree(self.export_of(point), ignore_errors=True)
 
     def close(self) -> None:
         for point in list(self.points):

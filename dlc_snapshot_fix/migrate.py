@@ -786,13 +786,7 @@ def _stop_if_gone(volume: osfiles.Volume, folder: Path) -> None:
     A temp file of the write may be left on it, where nothing can reach it now: the next
     run removes it (its name matches no snapshot DeepLabCut lists).
     """
-    why = volume.gone()
-    if why is not None:
-        raise osfiles.FileSystemGoneError(
-            volume.folder,
-            why,
-            f"A temp file of the write in hand may be left in {folder} there: the next run removes it. ",
-        )
+    volume.check(f"A temp file of the write in hand may be left in {folder} there: the next run removes it. ")
 
 
 def _identity_or_none(path: Path) -> tuple[int, int, int] | None:

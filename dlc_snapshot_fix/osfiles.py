@@ -262,7 +262,6 @@ class FileSystemGoneError(RuntimeError):
             f"the drive or share holding {folder} went away ({why}); nothing was written there since. "
             f"{left_behind}Run again when it is back: finished snapshots are not redone"
         )
-        self.folder, self.why = folder, why
 
 
 class Volume:
@@ -287,11 +286,12 @@ class Volume:
             return error.strerror or str(error)
         return None if device == self.device else "another file system is mounted there now"
 
-    def check(self) -> None:
-        """Raise :class:`FileSystemGoneError` if the folder's file system went away."""
+    def check(self, left_behind: str = "") -> None:
+        """Raise :class:`FileSystemGoneError` if the folder's file system went away (``left_behind``: what
+        a write in hand may have left there, in a sentence)."""
         why = self.gone()
         if why is not None:
-            raise FileSystemGoneError(self.folder, why)
+            raise FileSystemGoneError(self.folder, why, left_behind)
 
 
 _FIEMAP = struct.Struct("=QQIIII")

@@ -9,6 +9,7 @@ down by mount point, loop device and PID, whatever state a test left it in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -182,18 +183,10 @@ class Mounts:
 
     def close(self) -> None:
         for point in list(self.points):
-            try:
+            with contextlib.suppress(RuntimeError):  # gone already (unmount detaches a busy one lazily)
                 self.unmount(point)
-            except RuntimeError:
-                self.unmount_anyway(point)
+        for device in self.loops.values():  # of a drive whose unmount failed
+            subprocess.run(["losetup", "-d", device], capture_output=True)
         if self.sshd is not None:
             self.sshd.send_signal(signal.SIGTERM)
             self.sshd.wait(timeout=10)
-
-    def unmount_anyway(self, point: Path) -> None:
-        self.points.setdefault(point, "ext4")
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
-        subprocess.run(["fusermount", "-uz", str(point)], capture_output=True)
-        self.points.pop(point, None)
-        if point in self.loops:
-            subprocess.run(["losetup", "-d", self.loops.pop(point)], capture_output=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dlc_snapshot_fix import fserrors, names, osfiles, signals, store
-from dlc_snapshot_fix.discover import PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath, model_roots
+from dlc_snapshot_fix.discover import PYTORCH_MODELS, TENSORFLOW_MODELS, SkippedPath, discover_project, model_roots
 from dlc_snapshot_fix.migrate import MigrationOptions, ProjectBusyError, migrate_project
 from dlc_snapshot_fix.report import ExitCode, ProjectReport, Status, backup_cost, show_tracebacks, tracebacks_shown
 from dlc_snapshot_fix.shards import ROW_FIELDS, Shard, merge_reports, write_rows_csv
@@ -223,13 +223,16 @@ def migrate_archive(
     on_plan: Callable[[list[Path]], None] | None = None,
     on_project: Callable[[Path, ProjectReport | str], None] | None = None,
     on_progress: Callable[[ArchiveReport], None] | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> ArchiveReport:
     """Migrate (or check) every project below ``root`` that this shard owns, ``jobs`` at a time.
 
     ``on_progress`` gets the report after each project (to save it as far as it got). On
     KeyboardInterrupt (Ctrl-C, or SIGTERM after :func:`~dlc_snapshot_fix.signals.stop_on_signals`)
     the workers are told to stop too: each finishes the snapshot it is on and starts no other,
-    and the report is marked interrupted.
+    and the report is marked interrupted. Before any project starts, the signature of every
+    model the projects' configs describe is built once and kept (``announce`` hears it), so
+    the workers judge by signature without importing DeepLabCut.
     """
     shard = shard or Shard()
     options = options or MigrationOptions()
@@ -241,6 +244,8 @@ def migrate_archive(
     for project in mine:  # where each project is now: a share that goes away later is told apart from a bad project
         with contextlib.suppress(OSError):
             volumes[project] = osfiles.Volume(project)
+    if options.check_model:
+        _prepare_signatures(mine, options, announce)
     if on_plan is not None:
         on_plan(mine)
 
@@ -283,6 +288,21 @@ def migrate_archive(
     report.finished = not report.interrupted
     report.projects.sort(key=lambda r: r.project)
     return report
+
+
+def _prepare_signatures(
+    projects: list[Path], options: MigrationOptions, announce: Callable[[str], None] | None
+) -> None:
+    """Every model signature these projects need, built here once for all workers (a project that cannot be read
+    is reported when its worker reaches it)."""
+    checker = options.model_checker(announce)
+    if checker.cache is None:  # nothing would outlive this process: each worker builds its own
+        return
+    snapshot_files = []
+    for project in projects:
+        with contextlib.suppress(Exception):
+            snapshot_files += discover_project(project).snapshots
+    checker.prepare(snapshot_files)
 
 
 def _start_worker(stop_event: Any, debug: bool) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -138,7 +139,18 @@ def main(debug: bool) -> None:
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if any snapshot needs migrating.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; show what would change.")
-@click.option("--no-model-check", is_flag=True, help="Skip loading each state dict into its DeepLabCut model.")
+@click.option("--no-model-check", is_flag=True, help="Skip DeepLabCut's verdict (its loader and a strict load).")
+@click.option(
+    "--deep-check",
+    is_flag=True,
+    help="DeepLabCut's verdict from its own loader over every byte (slow: run it when tensor bytes themselves are "
+    "suspect). By default it comes from the model's signature, reading no tensor byte.",
+)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Build DeepLabCut's model signatures for this run only, neither reading nor writing the user's cache.",
+)
 @click.option(
     "--trust",
     is_flag=True,
@@ -194,6 +206,8 @@ def migrate(
     check: bool,
     dry_run: bool,
     no_model_check: bool,
+    deep_check: bool,
+    no_cache: bool,
     trust: bool,
     fix_metadata: bool | None,
     rename_legacy_best: bool,
@@ -240,6 +254,8 @@ def migrate(
         method=method or ("append" if archive else "rewrite"),
         hash_files=hash_files,
         backup_dir=backup_dir,
+        deep_check=deep_check,
+        signature_cache=not no_cache,
     )
     if archive:
         _run_archive(project, jobs, (shard, shard_count), write, options, json_path, csv_path, quiet)
@@ -250,7 +266,7 @@ def migrate(
             err=True,
         )
     _run(
-        lambda: migrate_project(project, write=write, options=options),
+        lambda: migrate_project(project, write=write, options=options, announce=_announcer(quiet or json_path == "-")),
         json_path,
         quiet,
         check=check,
@@ -299,6 +315,7 @@ def _run_archive(
             on_plan=progress.start,
             on_project=progress.done,
             on_progress=save_so_far,
+            announce=_announcer(quiet),
         )
     except KeyboardInterrupt:  # while looking for projects, before any was started
         progress.close()
@@ -322,6 +339,11 @@ def _run_archive(
         click.secho(line, fg="red")
     click.echo(report.summary())
     sys.exit(report.exit_code())
+
+
+def _announcer(quiet: bool) -> Callable[[str], None] | None:
+    """What the run says before a slow step (building DeepLabCut's models), on stderr; nothing when quiet."""
+    return None if quiet else lambda message: click.echo(message, err=True)
 
 
 class _ArchiveProgress:

@@ -13,6 +13,7 @@ import functools
 import gc
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -64,6 +65,17 @@ class MigrationOptions:
     method: str = "rewrite"
     """``rewrite``: keep the original, write a new file, swap it in. ``append``: append a new
     ``data.pkl`` and directory (kilobytes; undo = truncate); falls back to ``rewrite`` where it cannot."""
+    deep_check: bool = False
+    """DeepLabCut's verdict from its own loader over every byte, instead of from the model's signature."""
+    signature_cache: bool = True
+    """Keep model signatures in the user's cache folder between runs (``False``: built for this run only)."""
+
+    def model_checker(self, announce: Callable[[str], None] | None = None) -> ModelChecker:
+        """The checker these options ask for (its signatures cached unless told not to)."""
+        from dlc_snapshot_fix.signature import SignatureCache
+
+        cache = SignatureCache() if self.signature_cache else None
+        return ModelChecker(enabled=self.check_model, deep=self.deep_check, cache=cache, announce=announce)
 
 
 def migrate_project(
@@ -73,6 +85,7 @@ def migrate_project(
     options: MigrationOptions | None = None,
     on_result: Callable[[SnapshotResult], None] | None = None,
     volume: osfiles.Volume | None = None,
+    announce: Callable[[str], None] | None = None,
     **option_flags: bool,
 ) -> ProjectReport:
     """Strip wrapper prefixes (and, if asked, apply the legacy clean-ups) in every snapshot at ``path``.
@@ -81,12 +94,14 @@ def migrate_project(
     snapshots that need work are reported as ``needs fix``. Options come as a
     :class:`MigrationOptions` or as its fields by keyword (``check_model=False``).
     ``volume``: the file system the project was found on (default: where it is now); if it
-    goes away, the run stops writing there and says so in ``report.problems``.
+    goes away, the run stops writing there and says so in ``report.problems``. ``announce``
+    hears what takes a while before it starts (building DeepLabCut's models for their signatures).
     """
     options = replace(options or MigrationOptions(), **option_flags)  # type: ignore[arg-type]
     inventory = discover_project(path)
     report = _new_report(inventory, "migrate" if write else "check")
-    checker = ModelChecker(enabled=options.check_model)
+    checker = options.model_checker(announce)
+    checker.prepare(inventory.snapshots)
     with contextlib.ExitStack() as cleanup:
         writer = (
             _ProjectWriter(inventory, report, cleanup, volume or osfiles.Volume(inventory.project)) if write else None
@@ -464,7 +479,9 @@ def _migrate_fenced(
     entries = transforms.present_entries(plan.fixed, snapshot_file.state_dict_entries)
     if snapshot_file.role == "exported":  # DeepLabCut-Live loads these, not DeepLabCut's runners: check in memory
         for entry in entries:
-            result.model_checks[entry] = checker.check(snapshot_file, plan.fixed, entry)
+            result.model_checks[entry] = _judged(checker, snapshot_file, plan, entry, options) or checker.check(
+                snapshot_file, plan.fixed, entry
+            )
     if plan.changes:
         result.status = Status.NEEDS_FIX
         if writer is not None:
@@ -477,7 +494,9 @@ def _migrate_fenced(
     if result.status == Status.FAILED or snapshot_file.role == "exported":
         return
     for entry in entries:  # DeepLabCut's verdict on the file as it is now (or, for a check, as it will be)
-        if result.status in (Status.CLEAN, Status.FIXED):
+        if (judged := _judged(checker, snapshot_file, plan, entry, options)) is not None:
+            result.model_checks[entry] = judged  # plan.fixed is what the file holds, or will hold
+        elif result.status in (Status.CLEAN, Status.FIXED):
             result.model_checks[entry] = checker.check(snapshot_file, None, entry, source=plan.destination)
         elif writer is None and checker.enabled and (planned_tail := _planned_tail(plan)) is not None:
             opener = verify.joined_opener(path, planned_tail)
@@ -488,6 +507,32 @@ def _migrate_fenced(
     hint, note = verify.judge_numpy_values(plan.numpy_found, result.model_checks.values(), dialect)
     result.hints += [hint] if hint else []
     result.notes += [note] if note else []
+
+
+def _judged(
+    checker: ModelChecker, snapshot_file: SnapshotFile, plan: _Plan, entry: str, options: MigrationOptions
+) -> verify.ModelCheck | None:
+    """DeepLabCut's verdict from the model's signature, or ``None`` where its full load must judge.
+
+    The plan was read under weights-only rules (the torch-free reader or torch's weights-only
+    load), which the signature verdict builds on; ``--trust`` reads without them.
+    """
+    if options.trust or not _dense_tensors_only(plan.fixed.get(entry) if isinstance(plan.fixed, dict) else None):
+        return None
+    return checker.judge(snapshot_file, plan.fixed, entry)
+
+
+def _dense_tensors_only(state_dict: Any) -> bool:
+    """Whether every loaded tensor in ``state_dict`` is a plain dense one: the replay knows no other kind, so a
+    sparse or subclassed tensor (which only torch's full load reads) is left to DeepLabCut's full load."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(state_dict, dict):
+        return True
+    return all(
+        value.layout == torch.strided and type(value) in (torch.Tensor, torch.nn.Parameter)
+        for value in state_dict.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def _planned_tail(plan: _Plan) -> bytes | None:

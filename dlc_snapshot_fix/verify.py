@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dlc_snapshot_fix import keys, pickled, zipappend
+from dlc_snapshot_fix import keys, pickled, signature, transforms, zipappend
 from dlc_snapshot_fix.discover import SnapshotFile, read_yaml
 from dlc_snapshot_fix.transforms import is_loaded_tensor
 
@@ -157,6 +157,8 @@ class ModelCheck:
             listed = ", ".join(f"{k} {list(s)} vs model {list(m)}" for k, s, m in self.shape_mismatches[:3])
             more = len(self.shape_mismatches) - 3
             parts.append(f"shape mismatches ({listed}{f', +{more} more' if more > 0 else ''})")
+        if self.reason:
+            parts.append(self.reason)
         return "; ".join(parts)
 
 
@@ -395,31 +397,55 @@ DETECTOR = "#detector"
 
 
 @contextlib.contextmanager
-def _no_backbone_download() -> Iterator[None]:
-    """Build torchvision's detectors without their ImageNet backbone weights (a download).
+def _backbones_without_download() -> Iterator[None]:
+    """Build torchvision's detectors as DeepLabCut's inference does, without downloading their backbone weights.
 
-    DeepLabCut's Faster R-CNN asks torchvision for ``weights=None`` but leaves
-    ``weights_backbone`` at its default, which fetches ImageNet weights. A snapshot then
-    replaces every weight, so the architecture is all the check needs: the same builders,
-    called with ``weights_backbone=None`` unless the caller chose one (SSDLite does).
+    DeepLabCut's Faster R-CNN asks torchvision for ``weights=None`` and leaves
+    ``weights_backbone`` at its default (ImageNet weights): torchvision then builds the
+    pretrained branch (``FrozenBatchNorm2d`` in the backbone of ``fasterrcnn_resnet50_fpn``
+    and ``fasterrcnn_mobilenet_v3_large_fpn``, no ``num_batches_tracked``) and downloads the
+    weights into it. Here the detection modules' backbone builders (``resnet50``,
+    ``mobilenet_v3_large``, ...) are called with ``weights=None``: the same branch, the same
+    structure, no download. The snapshot replaces every weight, so the structure is all a
+    check needs. (Building with ``weights_backbone=None`` instead, as this tool once did,
+    gives ``BatchNorm2d``: another key set, and a wrong verdict.)
     """
     import torchvision.models.detection as detection
 
-    originals = {name: builder for name, builder in vars(detection).items() if _takes_backbone_weights(builder)}
-    for name, builder in originals.items():
-        setattr(detection, name, functools.partial(builder, weights_backbone=None))
+    patched: list[tuple[Any, str, Any]] = []
+    modules = [value for value in vars(detection).values() if inspect.ismodule(value)]
+    for module in modules:
+        if not module.__name__.startswith("torchvision.models.detection."):
+            continue
+        for name, builder in vars(module).items():
+            if _is_backbone_builder(builder):
+                patched.append((module, name, builder))
+    for module, name, builder in patched:
+        setattr(module, name, _without_weights(builder))
     try:
         yield
     finally:
-        for name, builder in originals.items():
-            setattr(detection, name, builder)
+        for module, name, builder in patched:
+            setattr(module, name, builder)
 
 
-def _takes_backbone_weights(builder: Any) -> bool:
-    if not inspect.isfunction(builder):
+def _without_weights(builder: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(builder)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights"] = None  # whatever the caller asked for: the structure is the same, the bytes never used
+        return builder(*args, **kwargs)
+
+    return build
+
+
+def _is_backbone_builder(builder: Any) -> bool:
+    """A classification model builder of torchvision's (``resnet50``), which detection modules call for backbones."""
+    if not inspect.isfunction(builder) or not builder.__module__.startswith("torchvision.models."):
+        return False
+    if builder.__module__.startswith("torchvision.models.detection") or builder.__name__.startswith("_"):
         return False
     try:
-        return "weights_backbone" in inspect.signature(builder).parameters
+        return "weights" in inspect.signature(builder).parameters
     except (TypeError, ValueError):
         return False
 
@@ -428,8 +454,11 @@ def build_detector(detector_model_config: Mapping[str, Any]) -> torch.nn.Module:
     """The detector ``detector.model`` describes, built by DeepLabCut's ``DETECTORS`` as its inference does."""
     from deeplabcut.pose_estimation_pytorch.models.detectors import DETECTORS
 
-    with _no_backbone_download():
-        return DETECTORS.build(copy.deepcopy(dict(detector_model_config)))
+    config = dict(copy.deepcopy(dict(detector_model_config)))
+    if "pretrained" in config:  # as DeepLabCut's inference runners build it (apis/utils.py): no COCO weights
+        config["pretrained"] = False
+    with _backbones_without_download():
+        return DETECTORS.build(config)
 
 
 def model_config_from(pytorch_config: Path, detector: bool = False) -> tuple[dict | None, str]:
@@ -447,14 +476,140 @@ def model_config_from(pytorch_config: Path, detector: bool = False) -> tuple[dic
 
 
 class ModelChecker:
-    """Asks the installed DeepLabCut whether a snapshot loads: its loader, then a strict load into its model.
+    """DeepLabCut's verdict on a snapshot: its loader reads the file, and the state dict loads strictly into its model.
 
-    Each model is built once per ``pytorch_config.yaml``.
+    By default from the model's *signature* (:mod:`~dlc_snapshot_fix.signature`): built by
+    DeepLabCut once per model config and kept in the user's cache, then judged against
+    what the snapshot's pickle records, reading no tensor byte (:meth:`judge`). With
+    ``deep=True`` (``--deep-check``), or where a model loads by a rule the signature does
+    not replay, DeepLabCut's own loader reads every byte and the model loads the tensors
+    (:meth:`check`). Each model is built at most once per run.
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(
+        self,
+        enabled: bool = True,
+        *,
+        deep: bool = False,
+        cache: signature.SignatureCache | None = None,
+        announce: Callable[[str], None] | None = None,
+    ):
         self.enabled = enabled
+        self.deep = deep
+        self.cache = cache
+        """Where signatures are kept between runs; ``None``: built in memory for this run only (``--no-cache``)."""
+        self.announce = announce
         self._models: dict[str, torch.nn.Module] = {}
+        self._signatures: dict[str, dict[str, Any] | str] = {}
+        """By config source: the signature, or why that model is judged by the full load instead."""
+
+    def judge(self, snapshot_file: SnapshotFile, snapshot: Mapping[str, Any], entry: str) -> ModelCheck | None:
+        """DeepLabCut's verdict on a file holding ``snapshot`` (tensors as records), from the model's signature.
+
+        ``snapshot`` must have been read with ``weights_only`` rules (the torch-free reader,
+        or torch's weights-only load): what DeepLabCut's loader then still refuses is numpy
+        it does not allow-list, unless the project sets ``runner.load_weights_only: false``.
+        ``None`` where only the full load can tell (:meth:`check` then judges).
+        """
+        if not self.enabled:
+            return ModelCheck("skipped", "model check not requested")
+        if self.deep or not deeplabcut_available():
+            return None
+        model_config, config_source = self._model_config(snapshot_file, snapshot, entry)
+        if model_config is None:
+            return ModelCheck("skipped", config_source)
+        signature_ = self.signature(config_source, model_config)
+        if signature_ is None:
+            return None
+        if snapshot_file.role != "exported" and self._deeplabcut_reads_weights_only(snapshot_file):
+            names = [name for found in transforms.numpy_values(snapshot).values() for name in found]
+            refused = deeplabcut_refuses_metadata(names, numpy_dialect_of(snapshot_file.path) if names else None)
+            if refused:
+                why = f"DeepLabCut {deeplabcut_version()}'s snapshot loader refuses it: {refused}"
+                return ModelCheck("refused", why)
+        state_dict = snapshot.get(entry)
+        if not isinstance(state_dict, Mapping):
+            missing = [prefix + entry_[0] for prefix, _, entries, _, _ in signature_["modules"] for entry_ in entries]
+            return ModelCheck("mismatch", f"no {entry!r} state dict", missing=keys.group_by_module(missing))
+        load = signature.strict_load_problems(signature_, state_dict)
+        what = "detector" if config_source.endswith(DETECTOR) else "model"
+        if load.loads:
+            return ModelCheck(
+                "ok",
+                f"DeepLabCut {deeplabcut_version()} loads it: its snapshot loader reads the file and the state dict "
+                f"loads strictly into the {what} its "
+                f"{'file' if snapshot_file.role == 'exported' else 'pytorch_config.yaml'} builds (judged from the "
+                "model's signature: no tensor byte read)",
+            )
+        return ModelCheck(
+            "mismatch",
+            "; ".join(([load.crash] if load.crash else []) + load.errors[:3]),
+            missing=keys.group_by_module(load.missing),
+            unexpected=keys.group_by_module(load.unexpected),
+            shape_mismatches=load.shape_mismatches,
+        )
+
+    def signature(self, config_source: str, model_config: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The signature of the model built from ``model_config``: kept, cached, or built now; ``None`` where only
+        DeepLabCut's full load judges that model."""
+        if config_source not in self._signatures:
+            kind = "detector" if config_source.endswith(DETECTOR) else "pose"
+            key = signature.cache_key(kind, model_config)
+            found = self.cache.get(key) if self.cache is not None else None
+            if found is None:
+                try:
+                    found = signature.build(kind, model_config)
+                except signature.NotDescribable as error:
+                    self._signatures[config_source] = f"judged by the full load: {error}"
+                    return None
+                except Exception as error:  # DeepLabCut's builders raise many types for a bad config
+                    self._signatures[config_source] = f"could not build the model from {config_source}: {error}"
+                    return None
+                if self.cache is not None:
+                    self.cache.put(key, found)
+            self._signatures[config_source] = found
+        kept = self._signatures[config_source]
+        return kept if isinstance(kept, dict) else None
+
+    def prepare(self, snapshot_files: Iterable[SnapshotFile]) -> int:
+        """Build (and keep) every signature these snapshots need that is not in the cache yet, saying so first.
+
+        Returns how many models were built. Nothing is imported when every signature is kept.
+        """
+        if not self.enabled or self.deep or not deeplabcut_available():
+            return 0
+        wanted: dict[str, dict] = {}
+        for snapshot_file in snapshot_files:
+            if snapshot_file.role == "exported" or snapshot_file.pytorch_config is None:
+                continue
+            with contextlib.suppress(Exception):  # an unreadable config is reported where the snapshot is checked
+                model_config, source = model_config_from(snapshot_file.pytorch_config, snapshot_file.role == "detector")
+                if model_config is not None and source not in self._signatures:
+                    wanted[source] = model_config
+        missing = {
+            source: config
+            for source, config in wanted.items()
+            if self.cache is None
+            or self.cache.get(signature.cache_key("detector" if source.endswith(DETECTOR) else "pose", config)) is None
+        }
+        if missing and self.announce is not None:
+            where = f"; kept in {self.cache.folder} for later runs" if self.cache is not None else ""
+            self.announce(
+                f"building DeepLabCut's model for {len(missing)} config{'s' if len(missing) > 1 else ''} "
+                f"(once per model config{where})…"
+            )
+        for source, config in missing.items():
+            self.signature(source, config)
+        return len(missing)
+
+    @staticmethod
+    def _deeplabcut_reads_weights_only(snapshot_file: SnapshotFile) -> bool:
+        """``weights_only`` as DeepLabCut's loader takes it: the config's ``load_weights_only``, else its default
+        (``TORCH_LOAD_WEIGHTS_ONLY``, true unless set otherwise: ``runners.base._load_weights_only``)."""
+        configured = ModelChecker._weights_only(snapshot_file)
+        if configured is not None:
+            return configured
+        return os.getenv("TORCH_LOAD_WEIGHTS_ONLY", "true").lower() in ("true", "1")
 
     def check(
         self,
@@ -464,7 +619,7 @@ class ModelChecker:
         against: Path | None = None,
         source: LoadSource | None = None,
     ) -> ModelCheck:
-        """Check ``entry`` against its own model config, or the ``pytorch_config.yaml`` ``against``.
+        """The full load: ``entry`` against its own model config, or the ``pytorch_config.yaml`` ``against``.
 
         With ``source`` (a file, or a planned file as a stream), DeepLabCut's own loader
         reads it first and a refusal is the verdict; the state dict checked is

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,6 +20,9 @@ SAMPLE_MADE_BY = "3.0.2"
 """The DeepLabCut that made sample_project (scripts/make_sample_project.py)."""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # DeepLabCut must never wait for a hub here
+# Model signatures are kept in the user's cache folder: the tests keep theirs apart (and begin with none).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dlc-snapshot-fix-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 if importlib.util.find_spec("deeplabcut") is None:  # a torch-only cell of the matrix (scripts/matrix.sh)
     collect_ignore = [

@@ -89,7 +89,9 @@ def cached_zoo() -> Path:
 def test_deeplabcut_refuses_every_zoo_snapshot_as_saved(cached_zoo: Path):
     """The population is what the tool exists for: every snapshot fails in DeepLabCut as it stands."""
     snapshots = zoo.snapshots(cached_zoo)
-    assert len(snapshots) == 14 and {m.name for m in snapshots.values()} == {m.name for m in zoo.MEMBERS}
+    assert len(snapshots) == zoo.SNAPSHOT_COUNT and {m.name for m in snapshots.values()} == {
+        m.name for m in zoo.MEMBERS
+    }
     for path, member in snapshots.items():
         refusal = deeplabcut_refusal(path, member)
         assert refusal is not None and "Unexpected key(s)" in refusal, (member.name, path.name, refusal[:300])
@@ -145,7 +147,7 @@ def test_a_mixed_archive_of_every_model_migrates_with_two_jobs(cached_zoo: Path,
     check = cli("migrate", root, "--check", "--jobs", "2", "--json", tmp_path / "check.json")
     assert check.returncode == 1, check.stdout + check.stderr
     predicted = {row["path"]: row["method"] for row in json.loads((tmp_path / "check.json").read_text())["snapshots"]}
-    assert len(predicted) == 14 and set(predicted.values()) == {"append", "rewrite"}
+    assert len(predicted) == zoo.SNAPSHOT_COUNT and set(predicted.values()) == {"append", "rewrite"}
 
     done = cli("migrate", root, "--jobs", "2", "--json", tmp_path / "migrate.json")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -153,7 +155,10 @@ def test_a_mixed_archive_of_every_model_migrates_with_two_jobs(cached_zoo: Path,
     assert {row["status"] for row in rows} == {"fixed"}, [row for row in rows if row["status"] != "fixed"]
     assert {row["path"]: row["method"] for row in rows} == predicted
     appended = sum(method == "append" for method in predicted.values())
-    assert f"14 fixed ({appended} by append, {14 - appended} by rewrite)" in done.stdout  # said where the user looks
+    total = zoo.SNAPSHOT_COUNT
+    assert (
+        f"{total} fixed ({appended} by append, {total - appended} by rewrite)" in done.stdout
+    )  # said where the user looks
     assert all(
         "too large to append safely" in row["reason"] or "only torch" in row["reason"]
         for row in rows

@@ -2,8 +2,9 @@
 
 Built by the real DeepLabCut from its own configs (``make_pytorch_pose_config``, the
 builder ``create_training_dataset`` calls), with random weights: nothing is downloaded
-(pose backbones with ``pretrained_backbone=False``, torchvision's detectors without their
-ImageNet backbone). Each member is one shuffle of one of two projects (single- and
+(pose backbones with ``pretrained_backbone=False``, torchvision's detectors in the structure
+DeepLabCut trains and infers with, FrozenBatchNorm2d included, without their ImageNet backbone
+weights). Each member is one shuffle of one of two projects (single- and
 multi-animal), its ``pytorch_config.yaml`` as DeepLabCut writes it, its snapshot saved
 through the wrappers a user's run had (``DataParallel``/DDP: ``module.``; ``torch.compile``:
 ``_orig_mod.``), with rc5's numpy float64 metrics; top-down members also have a detector
@@ -57,12 +58,16 @@ MEMBERS = (
     Member("cspnext_s_compiled_with_optimizer", "cspnext_s", wrappers=("compile",), optimizer=True),
     Member("rtmpose_s_ssdlite", "rtmpose_s", detector="ssdlite"),
     Member("animaltokenpose_fasterrcnn", "animaltokenpose_base", detector="fasterrcnn_mobilenet_v3_large_fpn"),
+    Member("resnet_50_fasterrcnn_resnet50_v2", "resnet_50", detector="fasterrcnn_resnet50_fpn_v2"),
     Member("resnet_50_multi_animal", "resnet_50", multi_animal=True),
     Member("dekr_w32", "dekr_w32", multi_animal=True),
     Member("dlcrnet_compiled_ddp", "dlcrnet_stride16_ms5", multi_animal=True, wrappers=("compile", "dp")),
     Member("ctd_prenet_rtmpose_s", "ctd_prenet_rtmpose_s", multi_animal=True),
     Member("ctd_coam_w32", "ctd_coam_w32", multi_animal=True),
 )
+
+SNAPSHOT_COUNT = len(MEMBERS) + sum(member.detector is not None for member in MEMBERS)
+"""Every member's pose snapshot, and a detector's beside it for the top-down ones."""
 
 
 def shuffle_of(member: Member) -> int:

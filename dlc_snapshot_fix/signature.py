@@ -18,6 +18,7 @@ so DeepLabCut is imported only to build a missing one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -189,6 +190,7 @@ def build(kind: str, model_config: Mapping[str, Any]) -> dict[str, Any]:
 # The cache
 
 
+@functools.cache
 def versions() -> dict[str, str]:
     """The installed versions of :data:`PACKAGES`, read from their metadata (nothing is imported)."""
     found = {}

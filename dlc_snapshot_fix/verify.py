@@ -461,9 +461,21 @@ def build_detector(detector_model_config: Mapping[str, Any]) -> torch.nn.Module:
         return DETECTORS.build(config)
 
 
+def read_config(path: Path) -> Any:
+    """A ``pytorch_config.yaml`` as :func:`read_yaml` reads it, once per version of the file in a process (a
+    project's snapshots share one: the verdict asks it for the model and ``load_weights_only`` of each)."""
+    stat = os.stat(path)
+    return _read_config_once(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_config_once(path: str, mtime_ns: int, size: int) -> Any:
+    return read_yaml(Path(path))
+
+
 def model_config_from(pytorch_config: Path, detector: bool = False) -> tuple[dict | None, str]:
     """The ``model`` (or ``detector.model``) section of a ``pytorch_config.yaml``, or ``None`` and why not."""
-    config = read_yaml(pytorch_config)
+    config = read_config(pytorch_config)
     if detector:
         section = config.get("detector") if isinstance(config, Mapping) else None
         model = section.get("model") if isinstance(section, Mapping) else None
@@ -674,7 +686,7 @@ class ModelChecker:
         if snapshot_file.pytorch_config is None:
             return None
         try:
-            config = read_yaml(snapshot_file.pytorch_config)
+            config = read_config(snapshot_file.pytorch_config)
         except Exception:  # an unreadable config is reported by discovery; DeepLabCut's default applies
             return None
         if snapshot_file.role == "detector":

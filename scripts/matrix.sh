@@ -14,6 +14,7 @@ ROOT=.venv-matrix
 TEST_DEPS="pytest>=8 hypothesis>=6.100"
 TOOL_DEPS="pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60 platformdirs>=3"
 DLC_TESTS="tests/test_verdicts.py tests/test_plugin.py tests/test_numpy_dialects.py tests/test_dlcyaml.py
+  tests/test_signature.py tests/test_signature_deeplabcut.py
   tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it
   tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module"
   # what depends on DeepLabCut's version; the torch-level suites run in the torch cells (3.10: torch 2.6.0)

@@ -10,6 +10,7 @@ originals → ``evaluate_network`` fails again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -83,14 +84,14 @@ def test_migration_makes_evaluate_network_work_and_restore_undoes_it(multi_gpu_p
 SAMPLE = Path(__file__).parents[1] / "sample_project"
 
 
-def _top_down_project(root: Path) -> tuple[Path, int]:
-    """sample_project with a second shuffle: top-down ResNet-50 behind DeepLabCut's SSDLite detector."""
+def _top_down_project(root: Path, detector_type: str = "ssdlite") -> tuple[Path, int]:
+    """sample_project with a second shuffle: top-down ResNet-50 behind one of DeepLabCut's detectors."""
     project = copy_project(SAMPLE, root / "top down", ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix"))
     deeplabcut.create_training_dataset(
         str(project / "config.yaml"),
         Shuffles=[2],
         net_type="top_down_resnet_50",
-        detector_type="ssdlite",
+        detector_type=detector_type,
         engine=deeplabcut.Engine.PYTORCH,
         userfeedback=False,
     )
@@ -102,10 +103,23 @@ def _multi_animal_project(root: Path) -> tuple[Path, int]:
     return make_sample_project(root / "multi animal", multi_animal=True), 1
 
 
-@pytest.mark.parametrize("make", [_top_down_project, _multi_animal_project], ids=["top-down", "multi-animal"])
-def test_evaluate_network_works_after_the_one_command_on_top_down_and_multi_animal_projects(make, tmp_path: Path):
+@pytest.mark.parametrize(
+    "make",
+    [
+        _top_down_project,
+        functools.partial(_top_down_project, detector_type="fasterrcnn_mobilenet_v3_large_fpn"),
+        functools.partial(_top_down_project, detector_type="fasterrcnn_resnet50_fpn_v2"),
+        _multi_animal_project,
+    ],
+    ids=["top-down", "top-down-fasterrcnn-mobilenet", "top-down-fasterrcnn-resnet50-v2", "multi-animal"],
+)
+def test_evaluate_network_works_after_the_one_command_on_top_down_and_multi_animal_projects(
+    make, tmp_path: Path, seeded_torch_hub: Path
+):
     """The pose snapshot and (top-down) the detector's, saved as a two-GPU rc5 run saved them: DeepLabCut's
-    evaluate_network refuses them, one run fixes both, it evaluates; restore gives back every byte."""
+    evaluate_network refuses them, one run fixes both (exit 0, DeepLabCut's verdict "loads it" for each), it
+    evaluates; restore gives back every byte. Faster R-CNN is built by DeepLabCut's inference as users get it
+    (ImageNet backbone weights, here from a seeded torch hub cache: FrozenBatchNorm2d in its backbone)."""
     project, shuffle = make(tmp_path)
     train_dir = next(project.glob(f"dlc-models-pytorch/iteration-0/*shuffle{shuffle}/train"))
     config = read_config_as_dict(str(train_dir / "pytorch_config.yaml"))
@@ -113,6 +127,12 @@ def test_evaluate_network_works_after_the_one_command_on_top_down_and_multi_anim
     save_like_multi_gpu_rc5(train_dir / "snapshot-005.pt", build_pose_model(config["model"]), {"metadata": {}})
     if config.get("detector"):
         detector = build_detector(config["detector"]["model"])
+        if hasattr(detector.model, "roi_heads"):  # Faster R-CNN, untrained, may find no animal in a frame (and
+            with torch.no_grad():  # DeepLabCut's metrics fail on that) or a box too thin to crop: every anchor
+                detector.model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([-10.0, 10.0]))  # an animal,
+                for deltas in (detector.model.rpn.head.bbox_pred, detector.model.roi_heads.box_predictor.bbox_pred):
+                    deltas.weight.zero_()  # its box the anchor itself
+                    deltas.bias.zero_()
         save_like_multi_gpu_rc5(train_dir / "snapshot-detector-005.pt", detector, {"metadata": {}})
     originals = snapshot_states(train_dir)
     assert len(originals) == (2 if config.get("detector") else 1)

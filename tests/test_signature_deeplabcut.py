@@ -32,27 +32,6 @@ from dlc_snapshot_fix.migrate import MigrationOptions, migrate_project
 pytestmark = pytest.mark.deeplabcut
 
 
-@pytest.fixture(scope="module")
-def seeded_torch_hub(tmp_path_factory: pytest.TempPathFactory):
-    """torchvision's ImageNet backbones as files in a torch hub cache: DeepLabCut's Faster R-CNN builds as it does
-    for a user (FrozenBatchNorm2d, weights loaded), without a download."""
-    import torchvision
-    from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
-
-    home = tmp_path_factory.mktemp("torch-home")
-    checkpoints = home / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    for weights, build in (
-        (MobileNet_V3_Large_Weights.IMAGENET1K_V1, torchvision.models.mobilenet_v3_large),
-        (ResNet50_Weights.IMAGENET1K_V1, torchvision.models.resnet50),
-    ):
-        torch.save(build(weights=None).state_dict(), checkpoints / weights.url.rsplit("/", 1)[1])
-    patch = pytest.MonkeyPatch()
-    patch.setenv("TORCH_HOME", str(home))
-    yield home
-    patch.undo()
-
-
 def deeplabcut_loads(path: Path, pytorch_config: Path, detector: bool) -> bool:
     """DeepLabCut's verdict: its loader, then a strict load into the model its inference builds."""
     from deeplabcut.core.config import read_config_as_dict

@@ -26,8 +26,9 @@ import json
 import os
 import secrets
 import shutil
+import textwrap
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path, PureWindowsPath
 from typing import IO, Any, cast
 
@@ -368,6 +369,10 @@ class ManifestEntry:
     in and read back. ``restored``: the original is back. A killed run leaves the first two."""
 
 
+ENTRY_FIELDS = tuple(field.name for field in fields(ManifestEntry))
+"""Every field of a manifest entry, in the order they are saved (each a string, a number or ``None``)."""
+
+
 def _portable(entry: ManifestEntry) -> ManifestEntry:
     """Paths in POSIX form, whichever system wrote them: a project migrated on Windows restores on Linux.
 
@@ -394,6 +399,8 @@ class Manifest:
         self._guard = guard
         """Called before each save: raises if the project's file system went away (nothing is written then)."""
         self.entries: list[ManifestEntry] = []
+        self._texts: dict[int, tuple[ManifestEntry, tuple, str]] = {}
+        """Each entry's JSON text as last saved, with the field values it was made from (see :meth:`_text`)."""
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -439,5 +446,20 @@ class Manifest:
         """Write the manifest in its folder (made by the project's lock, never here: see :class:`osfiles.Volume`)."""
         if self._guard is not None:
             self._guard()
-        payload = {"format": 1, "entries": [asdict(entry) for entry in self.entries]}
-        write_text_atomically(self.path, json.dumps(payload, indent=2), make_folders=False)
+        write_text_atomically(self.path, self._text(), make_folders=False)
+
+    def _text(self) -> str:
+        """``json.dumps({"format": 1, "entries": [...]}, indent=2)``, byte for byte, from each entry's text as last
+        serialised: a save re-serialises only the entries that changed since (a run saves two or three times per
+        snapshot; serialising every entry each time made a project's CPU per snapshot grow with its size)."""
+        if not self.entries:
+            return json.dumps({"format": 1, "entries": []}, indent=2)
+        texts = []
+        for entry in self.entries:
+            values = tuple(getattr(entry, name) for name in ENTRY_FIELDS)
+            kept = self._texts.get(id(entry))
+            if kept is None or kept[0] is not entry or kept[1] != values:
+                text = textwrap.indent(json.dumps(dict(zip(ENTRY_FIELDS, values, strict=True)), indent=2), "    ")
+                kept = self._texts[id(entry)] = (entry, values, text)
+            texts.append(kept[2])
+        return '{\n  "format": 1,\n  "entries": [\n' + ",\n".join(texts) + "\n  ]\n}"

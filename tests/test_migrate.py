@@ -12,9 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TRAIN, TinyPose, save_snapshot, wrapped_state_dict
+from hypothesis import given
+from hypothesis import strategies as st
 from test_reading import RunsCode
 
-from dlc_snapshot_fix import ProjectBusyError, Status, load_snapshot, migrate_project, names
+from dlc_snapshot_fix import ProjectBusyError, Status, load_snapshot, migrate_project, names, store
 from dlc_snapshot_fix.cli import main
 from dlc_snapshot_fix.verify import tensors_bit_identical
 
@@ -269,3 +271,48 @@ def test_a_hash_taken_ahead_is_used_only_for_the_file_as_it_was_hashed(tmp_path:
             ahead.sha256_of(tmp_path / "never-there.pt")
     finally:
         ahead.close()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=12),
+            st.one_of(st.none(), st.integers(min_value=0)),
+            st.sampled_from(["pending", "writing", "done", "restored"]),
+        ),
+        max_size=12,
+    ),
+    st.lists(st.integers(min_value=0, max_value=11), max_size=6),
+)
+def test_a_manifest_saved_from_kept_texts_is_what_json_dumps_writes(rows, changed):
+    """Saves re-serialise only changed entries (a run saves two or three times per snapshot); the file stays
+    exactly ``json.dumps({"format": 1, "entries": [...]}, indent=2)``, whatever was changed between saves."""
+    import dataclasses
+
+    manifest = store.Manifest.__new__(store.Manifest)  # no project: only the text is asked for
+    manifest.entries, manifest._texts = [], {}
+    for name, size, state in rows:
+        manifest.entries.append(
+            store.ManifestEntry(
+                path=f"train/{name}",
+                backup="b\\é",
+                sha256_before=None,
+                sha256_after=None,
+                backup_method="hardlink",
+                tool_version="0",
+                time="t",
+                change=name,
+                original_size=size,
+                state=state,
+            )
+        )
+        assert manifest._text() == json.dumps(
+            {"format": 1, "entries": [dataclasses.asdict(e) for e in manifest.entries]}, indent=2
+        )
+    for index in changed:
+        if index < len(manifest.entries):
+            manifest.entries[index].state = "done"
+            manifest.entries[index].sha256_after = "ab" * 32
+        assert manifest._text() == json.dumps(
+            {"format": 1, "entries": [dataclasses.asdict(e) for e in manifest.entries]}, indent=2
+        )

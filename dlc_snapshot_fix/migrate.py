@@ -20,7 +20,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dlc_snapshot_fix import fserrors, names, osfiles, pickled, rezip, signals, store, transforms, verify, zipappend
+from dlc_snapshot_fix import (
+    fserrors,
+    names,
+    osfiles,
+    pickled,
+    rezip,
+    signals,
+    signature,
+    store,
+    transforms,
+    verify,
+    zipappend,
+)
 from dlc_snapshot_fix.discover import ProjectInventory, SnapshotFile, discover_project
 from dlc_snapshot_fix.reading import SnapshotReadError, is_zip_snapshot, load_snapshot, read_recorded
 from dlc_snapshot_fix.report import ProjectReport, SnapshotResult, Status
@@ -295,6 +307,9 @@ class _Plan:
     """How the file will be written when it changes: ``append`` or ``rewrite``."""
     method_note: str | None = None
     """Why ``--method append`` was asked and this snapshot takes the rewrite."""
+    facts: dict[str, Any] | None = None
+    """What the verdict reads of :attr:`fixed` (:func:`signature.facts_only`), kept when torch's rewrite lets go of
+    the tensors before the swap."""
 
     @functools.cached_property
     def result_pickle(self) -> bytes | None:
@@ -517,19 +532,24 @@ def _judged(
     The plan was read under weights-only rules (the torch-free reader or torch's weights-only
     load), which the signature verdict builds on; ``--trust`` reads without them.
     """
-    if options.trust or not _dense_tensors_only(plan.fixed.get(entry) if isinstance(plan.fixed, dict) else None):
+    snapshot = plan.facts if plan.facts is not None else plan.fixed
+    if options.trust or not isinstance(snapshot, dict) or entry not in snapshot:
+        return None  # (a plan whose tensors were let go without their facts: the full load judges the file)
+    if not _dense_tensors_only(snapshot):
         return None
-    return checker.judge(snapshot_file, plan.fixed, entry)
+    return checker.judge(snapshot_file, snapshot, entry)
 
 
-def _dense_tensors_only(state_dict: Any) -> bool:
-    """Whether every loaded tensor in ``state_dict`` is a plain dense one: the replay knows no other kind, so a
-    sparse or subclassed tensor (which only torch's full load reads) is left to DeepLabCut's full load."""
+def _dense_tensors_only(snapshot: dict) -> bool:
+    """Whether every loaded tensor in the snapshot's state dicts is a plain dense one: the replay knows no other
+    kind, so a sparse or subclassed tensor (which only torch's full load reads) is left to DeepLabCut's full load."""
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(state_dict, dict):
+    if torch is None:
         return True
     return all(
         value.layout == torch.strided and type(value) in (torch.Tensor, torch.nn.Parameter)
+        for state_dict in snapshot.values()
+        if isinstance(state_dict, dict)
         for value in state_dict.values()
         if isinstance(value, torch.Tensor)
     )
@@ -626,6 +646,8 @@ def _read_back_before_the_swap(written: Path, backup: Path, plan: _Plan, trust: 
     what it loads here; so the original's tensors (``plan.fixed``) and the read-back are
     released before :func:`store.commit_temp`. One snapshot in memory at most.
     """
+    if isinstance(plan.fixed, dict) and _dense_tensors_only(plan.fixed):
+        plan.facts = signature.facts_only(plan.fixed)  # for the verdict after the swap
     try:
         if plan.expected_records is not None:
             plan.fixed = {}

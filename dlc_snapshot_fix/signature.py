@@ -311,10 +311,44 @@ class StrictLoad:
         return not (self.missing or self.unexpected or self.shape_mismatches or self.errors or self.crash)
 
 
+@dataclass(frozen=True)
+class TensorFacts:
+    """What the replay reads of a loaded tensor, kept once the tensor itself is let go (its file unmapped)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def facts_only(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """``snapshot`` with each loaded tensor of its top-level dicts (state dicts) as :class:`TensorFacts`.
+
+    For a snapshot torch rewrote: the tensors must be released before the swap (Windows
+    refuses to replace a mapped file), and the verdict after it needs only these facts.
+    """
+    from dlc_snapshot_fix.transforms import is_loaded_tensor
+
+    view: dict[str, Any] = {}
+    for name, value in snapshot.items():
+        if isinstance(value, dict):
+            kept = type(value)(
+                (key, TensorFacts(str(item.dtype).removeprefix("torch."), tuple(item.shape)))
+                if is_loaded_tensor(item)
+                else (key, item)
+                for key, item in value.items()
+            )
+            if hasattr(value, "_metadata"):
+                kept._metadata = value._metadata  # type: ignore[attr-defined]
+            value = kept
+        view[name] = value
+    return view
+
+
 def _tensor_facts(value: Any) -> tuple[str, tuple[int, ...]] | None:
     """(dtype, shape) of a tensor record or a loaded dense tensor; ``None`` for anything torch would not copy."""
     if isinstance(value, pickled.TensorRecord):
         return STORAGE_DTYPES[value.storage.storage_type.name], value.shape
+    if isinstance(value, TensorFacts):
+        return value.dtype, value.shape
     from dlc_snapshot_fix.transforms import is_loaded_tensor
 
     if is_loaded_tensor(value):

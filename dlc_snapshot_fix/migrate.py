@@ -84,9 +84,7 @@ class MigrationOptions:
 
     def model_checker(self, announce: Callable[[str], None] | None = None) -> ModelChecker:
         """The checker these options ask for (its signatures cached unless told not to)."""
-        from dlc_snapshot_fix.signature import SignatureCache
-
-        cache = SignatureCache() if self.signature_cache else None
+        cache = signature.SignatureCache() if self.signature_cache else None
         return ModelChecker(enabled=self.check_model, deep=self.deep_check, cache=cache, announce=announce)
 
 

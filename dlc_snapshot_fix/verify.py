@@ -461,6 +461,11 @@ def build_detector(detector_model_config: Mapping[str, Any]) -> torch.nn.Module:
         return DETECTORS.build(config)
 
 
+def _kind(config_source: str) -> str:
+    """``detector`` for a model source that names a detector's config (:data:`DETECTOR`), else ``pose``."""
+    return "detector" if config_source.endswith(DETECTOR) else "pose"
+
+
 def read_config(path: Path) -> Any:
     """A ``pytorch_config.yaml`` as :func:`read_yaml` reads it, once per version of the file in a process (a
     project's snapshots share one: the verdict asks it for the model and ``load_weights_only`` of each)."""
@@ -565,7 +570,7 @@ class ModelChecker:
         """The signature of the model built from ``model_config``: kept, cached, or built now; ``None`` where only
         DeepLabCut's full load judges that model."""
         if config_source not in self._signatures:
-            kind = "detector" if config_source.endswith(DETECTOR) else "pose"
+            kind = _kind(config_source)
             key = signature.cache_key(kind, model_config)
             found = self.cache.get(key) if self.cache is not None else None
             if found is None:
@@ -602,7 +607,7 @@ class ModelChecker:
             source: config
             for source, config in wanted.items()
             if self.cache is None
-            or self.cache.get(signature.cache_key("detector" if source.endswith(DETECTOR) else "pose", config)) is None
+            or self.cache.get(signature.cache_key(_kind(source), config)) is None
         }
         if missing and self.announce is not None:
             where = f"; kept in {self.cache.folder} for later runs" if self.cache is not None else ""

@@ -30,6 +30,7 @@ if importlib.util.find_spec("deeplabcut") is None:  # a torch-only cell of the m
         "test_diagnose_adapt.py",
         "test_filesystems.py",  # its archive is the zoo's, which DeepLabCut builds
         "test_plugin.py",
+        "test_signature_deeplabcut.py",
         "test_verdicts.py",
         "test_vintage.py",
         "test_zoo.py",

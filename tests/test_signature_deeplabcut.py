@@ -28,6 +28,7 @@ import zoo
 
 from dlc_snapshot_fix import keys
 from dlc_snapshot_fix.migrate import MigrationOptions, migrate_project
+from dlc_snapshot_fix.report import Status
 
 pytestmark = pytest.mark.deeplabcut
 
@@ -226,3 +227,39 @@ def test_altered_tensor_bytes_are_seen_by_the_deep_check_only(tmp_path: Path, se
     deep, deep_words = tool_says_loads(project, path, deep_check=True)
     assert said, words  # the structure is intact: the signature verdict says it loads
     assert deep is expected, deep_words  # the deep check says what DeepLabCut says
+
+
+@pytest.mark.parametrize("release", ["rc2", "rc5", "rc6"])
+def test_the_default_verdict_is_deeplabcuts_on_the_vintage_snapshots_and_their_mutations(
+    release: str, tmp_path: Path, seeded_torch_hub: Path
+):
+    """What the pre-releases really saved (their torch's _metadata, rc2's numpy-1 metrics kept as they are, rc5 and
+    rc6's optimizer state), migrated by the tool, then judged as saved and altered, by DeepLabCut and by the tool."""
+    from test_vintage import unpacked
+
+    project = unpacked(release, tmp_path / "vintage")
+    migrated = migrate_project(project, options=MigrationOptions(fix_metadata=False, check_model=False))
+    assert {r.status for r in migrated.results} <= {Status.FIXED, Status.CLEAN}, [
+        r.describe() for r in migrated.results
+    ]
+    disagreements, judged = [], 0
+    for path in sorted(project.rglob("snapshot-*.pt")):
+        config, detector = path.parent / "pytorch_config.yaml", "detector" in path.name
+        saved = path.read_bytes()
+        cases: dict[str, dict | None] = {"as migrated": None}
+        base = clean_snapshot(path)
+        cases.update((name, mutate(base)) for name, mutate in MUTATIONS.items() if name != "clean")
+        for name, snapshot in cases.items():
+            if name != "as migrated":
+                if snapshot is None:
+                    continue
+                torch.save(snapshot, path)
+            expected = deeplabcut_loads(path, config, detector)
+            said, words = tool_says_loads(project, path)
+            judged += 1
+            if said != expected:
+                disagreements.append(
+                    f"{path.name}, {name}: DeepLabCut {'loads' if expected else 'refuses'}; the tool said: {words}"
+                )
+            path.write_bytes(saved)
+    assert judged >= 18 and not disagreements, "\n".join(disagreements)

@@ -180,17 +180,17 @@ def test_a_mixed_archive_of_every_model_migrates_with_two_jobs(cached_zoo: Path,
         assert path.read_bytes() == (cached_zoo / path.relative_to(root)).read_bytes(), path
 
 
-def test_the_plugin_loads_every_zoo_snapshot_on_each_load_path(cached_zoo: Path):
+def test_the_plugin_loads_every_zoo_snapshot_on_each_load_path(cached_zoo: Path, seeded_torch_hub: Path):
     """DeepLabCut's snapshot loader (evaluate, analyze, resume) and ``weight_init`` (``PoseModel.build`` and
     ``DETECTORS.build`` read the file with ``torch.load``): refused as saved, loaded with the plugin, tensors
-    bit-identical, no file changed."""
+    bit-identical, no file changed. Detectors are built by DeepLabCut as for a user (Faster R-CNN's ImageNet
+    backbone from a seeded torch hub cache)."""
     from deeplabcut.core.weight_init import WeightInitialization
     from deeplabcut.pose_estimation_pytorch.models import PoseModel
     from deeplabcut.pose_estimation_pytorch.models.detectors import DETECTORS
     from deeplabcut.pose_estimation_pytorch.runners import base
 
     from dlc_snapshot_fix import plugin
-    from dlc_snapshot_fix.verify import _no_backbone_download
 
     before = file_states(cached_zoo)
     for path, member in zoo.snapshots(cached_zoo).items():
@@ -201,9 +201,8 @@ def test_the_plugin_loads_every_zoo_snapshot_on_each_load_path(cached_zoo: Path)
             init = WeightInitialization(snapshot_path=None, detector_snapshot_path=path)
 
             def build(config=config, init=init):
-                with _no_backbone_download():
-                    detector_config = copy.deepcopy(config["detector"]["model"])
-                    return DETECTORS.build(detector_config, weight_init=init, pretrained=False)
+                detector_config = copy.deepcopy(config["detector"]["model"])
+                return DETECTORS.build(detector_config, weight_init=init, pretrained=False)
         else:
             init = WeightInitialization(snapshot_path=path, with_decoder=False)
 

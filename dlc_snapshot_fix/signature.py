@@ -146,8 +146,9 @@ def probe(dtypes: Iterable[str]) -> dict[str, Any]:
     """What this torch's ``load_state_dict`` does where versions differ, measured rather than assumed.
 
     ``legacy_scalar``: which one-dimensional shapes a zero-dimensional parameter accepts
-    (``"one"``: ``[1]`` only, as torch 2.5+; ``"any"``: any non-empty one); ``casts``:
-    for each dtype a model holds, the storage dtypes ``copy_`` refuses to cast from.
+    (``"one"``: ``[1]`` only, as torch 2.14; ``"any"``: any non-empty one, its first element,
+    as torch 2.6); ``refused_casts``: for each dtype a model holds, the storage dtypes
+    ``copy_`` refuses to cast from (none, in both).
     """
     import warnings
 

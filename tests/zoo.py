@@ -8,7 +8,7 @@ weights). Each member is one shuffle of one of two projects (single- and
 multi-animal), its ``pytorch_config.yaml`` as DeepLabCut writes it, its snapshot saved
 through the wrappers a user's run had (``DataParallel``/DDP: ``module.``; ``torch.compile``:
 ``_orig_mod.``), with rc5's numpy float64 metrics; top-down members also have a detector
-snapshot. About 1.3 GB, so it is built once per DeepLabCut, torch and recipe (this file)
+snapshot. About 1.5 GB, so it is built once per DeepLabCut, torch and recipe (this file)
 and copied from the cache.
 """
 

@@ -89,6 +89,12 @@ def _metadata_dropped(state: OrderedDict) -> OrderedDict:
     return OrderedDict(state)  # a plain copy has no _metadata
 
 
+def _metadata_at_version_2(state: OrderedDict) -> OrderedDict:
+    altered = OrderedDict(state)
+    altered._metadata = OrderedDict((name, {**entry, "version": 2}) for name, entry in state._metadata.items())
+    return altered
+
+
 def _last_weight(state: OrderedDict) -> str:
     return next(k for k in reversed(state) if k.endswith("weight") and state[k].ndim >= 1)
 
@@ -139,6 +145,9 @@ MUTATIONS: dict[str, Mutation] = {
         )
     ),
     "_metadata missing": _state(_metadata_dropped),
+    # as saved by a model whose every module is at version 2: a BatchNorm2d then needs its num_batches_tracked,
+    # a FrozenBatchNorm2d never (what tells the structure DeepLabCut's Faster R-CNN infers with from another)
+    "_metadata at version 2": _state(_metadata_at_version_2),
     "numpy float64 metrics": _metadata(np.float64(2.5)),
     "numpy float32 metrics": _metadata(np.float32(2.5)),
     "a global DeepLabCut's loader refuses": _metadata(datetime.date(2024, 1, 1)),

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlc_snapshot_fix import pickled
+from dlc_snapshot_fix.transforms import is_loaded_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -326,8 +327,6 @@ def facts_only(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     For a snapshot torch rewrote: the tensors must be released before the swap (Windows
     refuses to replace a mapped file), and the verdict after it needs only these facts.
     """
-    from dlc_snapshot_fix.transforms import is_loaded_tensor
-
     view: dict[str, Any] = {}
     for name, value in snapshot.items():
         if isinstance(value, dict):
@@ -350,8 +349,6 @@ def _tensor_facts(value: Any) -> tuple[str, tuple[int, ...]] | None:
         return STORAGE_DTYPES[value.storage.storage_type.name], value.shape
     if isinstance(value, TensorFacts):
         return value.dtype, value.shape
-    from dlc_snapshot_fix.transforms import is_loaded_tensor
-
     if is_loaded_tensor(value):
         return str(value.dtype).removeprefix("torch."), tuple(value.shape)
     return None

@@ -595,20 +595,20 @@ class ModelChecker:
         """
         if not self.enabled or self.deep or not deeplabcut_available():
             return 0
-        wanted: dict[str, dict] = {}
+        missing: dict[str, dict] = {}
         for snapshot_file in snapshot_files:
             if snapshot_file.role == "exported" or snapshot_file.pytorch_config is None:
                 continue
             with contextlib.suppress(Exception):  # an unreadable config is reported where the snapshot is checked
                 model_config, source = model_config_from(snapshot_file.pytorch_config, snapshot_file.role == "detector")
-                if model_config is not None and source not in self._signatures:
-                    wanted[source] = model_config
-        missing = {
-            source: config
-            for source, config in wanted.items()
-            if self.cache is None
-            or self.cache.get(signature.cache_key(_kind(source), config)) is None
-        }
+                if model_config is None or source in self._signatures or source in missing:
+                    continue
+                key = signature.cache_key(_kind(source), model_config)
+                kept = self.cache.get(key) if self.cache is not None else None
+                if kept is not None:
+                    self._signatures[source] = kept  # read once: the snapshots' verdicts take it from here
+                else:
+                    missing[source] = model_config
         if missing and self.announce is not None:
             where = f"; kept in {self.cache.folder} for later runs" if self.cache is not None else ""
             self.announce(

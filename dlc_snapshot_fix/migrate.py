@@ -236,8 +236,31 @@ def restore_project(path: Path, *, on_result: Callable[[SnapshotResult], None] |
         manifest = store.Manifest(inventory.project)
         for entry in reversed(manifest.entries):  # newest first: stacked changes unwind in order
             if entry.state != "restored":
-                _record(report, _restore_one(inventory.project, manifest, entry), on_result)
+                _record(report, _restore_fenced(inventory.project, manifest, entry), on_result)
     return report
+
+
+def _restore_fenced(project: Path, manifest: store.Manifest, entry: store.ManifestEntry) -> SnapshotResult:
+    """One original put back; whatever goes wrong is that file's failure, and the other files go on."""
+    try:
+        return _restore_one(project, manifest, entry)
+    except Exception as error:
+        appended = entry.backup_method == "append"
+        result = SnapshotResult(
+            path=project / (entry.renamed_from or entry.path), role="snapshot", status=Status.FAILED
+        )
+        result.backup = None if appended else project / entry.backup
+        kept = "inside the file (its first bytes)" if appended else f"at {result.backup}"
+        if isinstance(error, OSError):
+            result.reason = fserrors.reason(
+                error,
+                "cannot be restored",
+                f"it is left as it was; the original is still kept {kept}",
+                "Fix that, then run restore again",
+            )
+        else:
+            result.reason = f"cannot be restored ({type(error).__name__}: {error}); the original is still kept {kept}"
+        return result
 
 
 def _new_report(inventory: ProjectInventory, action: str) -> ProjectReport:

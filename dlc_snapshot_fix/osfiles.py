@@ -148,6 +148,21 @@ def replace(source: Path | str, target: Path | str) -> None:
         delay = min(delay * 2, 0.25)
 
 
+def truncate_fd(fd: int, size: int, path: Path | str) -> None:
+    """``os.ftruncate``; on Windows a refusal because a process maps the file says so (the C runtime says EINVAL)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as error:
+        if not (WINDOWS and error.errno == errno.EINVAL and getattr(error, "winerror", None) is None):
+            raise
+        raise OSError(error.errno, USER_MAPPED_FILE, os.fspath(path), USER_MAPPED_FILE_WINERROR) from error
+
+
+USER_MAPPED_FILE_WINERROR = 1224
+USER_MAPPED_FILE = "The requested operation cannot be performed on a file with a user-mapped section open"
+"""Windows' words for ERROR_USER_MAPPED_FILE, which its C runtime reports to ``ftruncate`` as a bare EINVAL."""
+
+
 def read_only(folder: Path | str) -> bool | None:
     """Whether ``folder``'s file system is mounted read-only; ``None`` where the platform cannot say."""
     statvfs = getattr(os, "statvfs", None)

@@ -276,7 +276,7 @@ def truncate(path: Path, size: int) -> None:
     """Undo (or clean up a crashed) append: back to the original ``size`` bytes, durably."""
     fd = osfiles.open_fd(path, os.O_WRONLY)
     try:
-        os.ftruncate(fd, size)
+        osfiles.truncate_fd(fd, size, path)
         osfiles.flush_fd(fd)
     finally:
         os.close(fd)

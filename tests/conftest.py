@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import importlib.util
 import os
 import shutil
@@ -13,6 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(  # `--hypothesis-profile slow-host`: Wine runs every call several times slower
+    "slow-host", suppress_health_check=[HealthCheck.too_slow], deadline=None
+)
 
 TRAIN = "dlc-models-pytorch/iteration-0/testNov22-trainset80shuffle1/train"
 SAMPLE = Path(__file__).parents[1] / "sample_project"
@@ -37,6 +43,26 @@ if importlib.util.find_spec("deeplabcut") is None:  # a torch-only cell of the m
     ]
     print("conftest: deeplabcut is not installed: its modules are not collected, its tests not run")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _symlinks_work() -> bool:
+    """Whether this process can make a symbolic link (a probe: made, then looked at)."""
+    folder = Path(tempfile.mkdtemp(prefix="dlc-snapshot-fix-symlink-"))
+    try:
+        (folder / "link").symlink_to(folder / "target")
+        return (folder / "link").is_symlink()
+    except OSError:
+        return False
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SYMLINKS_WORK = _symlinks_work()
+needs_symlinks = pytest.mark.skipif(
+    not SYMLINKS_WORK,
+    reason="no symbolic links here (Wine 8.0 gap: it reports making one and makes nothing; "
+    "Windows itself needs Developer Mode or an administrator)",
+)
 
 
 class TinyPose(torch.nn.Module):
@@ -65,6 +91,14 @@ WITH_START_METHOD = (  # the CLI, its pool workers started as on Windows and mac
     "from dlc_snapshot_fix.cli import main; main(sys.argv[2:], prog_name='dlc-snapshot-fix')"
 )
 """``python -c WITH_START_METHOD METHOD ARGS...``: the CLI with its pool's start method chosen."""
+
+
+def load_in_memory(path: Path) -> dict:
+    """``load_snapshot``, its tensors copied out of the file's memory map: a test can keep it while the tool
+    replaces or truncates the file, which Windows refuses while a process maps it (as a user's DeepLabCut would)."""
+    from dlc_snapshot_fix import load_snapshot
+
+    return copy.deepcopy(load_snapshot(path))
 
 
 def save_snapshot(path: Path, state_dict, **extra) -> Path:

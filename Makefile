@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test matrix dist-check clean-demo
+.PHONY: demo test matrix dist-check wine-test clean-demo
 
 $(BIN)/.installed: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ matrix:  ## the other environments the README promises, each its own venv (CI ru
 
 dist-check:  ## build the sdist and wheel, twine check them, install the wheel into a fresh torch-only venv, run it
 	bash scripts/check_dist.sh
+
+wine-test:  ## the torch-only suite under python.org's Windows CPython and torch's Windows wheel, in Wine (CI runs it)
+	bash scripts/wine.sh test
 
 clean-demo:
 	rm -rf sample_project/.dlc-snapshot-fix sample_project/evaluation-results-pytorch

@@ -1,4 +1,4 @@
-"""Kill dlc-snapshot-fix with SIGKILL at random moments of a multi-project migration, then check.
+"""Kill dlc-snapshot-fix (SIGKILL; TerminateProcess on Windows) at random moments of a migration, then check.
 
 After every kill: each snapshot loads and holds either its original content or its
 migrated content (bit-identical tensors, only the keys renamed); the manifest reads;
@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -147,7 +146,7 @@ def run_child(projects: list[Path], kill_after: float | None, method: str) -> tu
         return False, time.perf_counter() - started
     time.sleep(kill_after)
     killed = child.poll() is None
-    child.send_signal(signal.SIGKILL)
+    child.kill()  # SIGKILL; TerminateProcess on Windows: no handler, no clean-up, either way
     child.wait()
     return killed, time.perf_counter() - started
 
@@ -165,7 +164,8 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+    # ignore_cleanup_errors: on Windows the templates this process still maps (originals) cannot be deleted yet
+    with tempfile.TemporaryDirectory(dir=args.workdir, ignore_cleanup_errors=True) as scratch:
         template = Path(scratch) / "template"
         template_projects = build_archive(template, args.projects, args.snapshots, args.size_mb, args.seed, args.keys)
         originals = {f"{p.name}/{s.name}": load_snapshot(s) for p in template_projects for s in snapshot_files(p)}

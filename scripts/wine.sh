@@ -87,8 +87,19 @@ case "${1:-}" in
     shift
     setup
     install_checkout
+    echo "=== the torch-only suite under $(python_exe -c "import sys, torch, numpy; print(sys.platform, sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)")"
     # -P: the installed wheel, not this checkout's folder, is what the tests import
-    python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -m "not deeplabcut and not slurm and not filesystems" "$@"
+    set +e
+    python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -rs \
+      -m "not deeplabcut and not slurm and not filesystems" "$@" | tee "$WINE_HOME/last-run.log"
+    status=${PIPESTATUS[0]}
+    set -e
+    # a crash under Wine can end with exit code 0 (wine-facts.md): the summary line must say so too
+    summary=$(grep -E "^=+ .*(passed|failed|error|no tests ran)" "$WINE_HOME/last-run.log" | tail -1)
+    if [ "$status" -ne 0 ] || [ -z "$summary" ] || echo "$summary" | grep -qE "failed|error|no tests ran"; then
+      echo "=== the Windows run failed (exit code $status): ${summary:-no pytest summary line}"
+      exit 1
+    fi
     ;;
   *) sed -n '2,9p' "$0"; exit 2 ;;
 esac

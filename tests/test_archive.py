@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import filelock
+import processes
 import pytest
 import torch
 from click.testing import CliRunner
@@ -116,7 +117,8 @@ def test_migrates_an_archive_with_two_jobs(archive: Path, tmp_path: Path):
     failed_line = next(line for line in result.output.splitlines() if line.startswith("failed (1): "))
     assert "empty file" in failed_line and "clean C" in result.output.split(failed_line)[1].splitlines()[1]
     assert len(report_csv.read_text().splitlines()) == 6
-    summary = "3 projects, 1 already clean, 1 failed, 3 fixed (3 by append, 0 by rewrite), 2 paths skipped"
+    skipped = 2 if SYMLINKS_WORK else 1  # the TensorFlow-only project, and the link loop where links can be made
+    summary = f"3 projects, 1 already clean, 1 failed, 3 fixed (3 by append, 0 by rewrite), {skipped} paths skipped"
     assert summary in result.output
 
 
@@ -247,43 +249,42 @@ def states(paths: list[Path]) -> dict[Path, tuple[str, int]]:
     return result
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT's default, whatever this test run inherited: a shell starts background jobs with SIGINT ignored,
-    and Python (rightly) leaves an ignored SIGINT ignored, so the run would never see the Ctrl-C sent below."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+CTRL_C_AS_IN_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+"""SIGINT's default, whatever this test run inherited: a shell starts background jobs with SIGINT ignored,
+and Python (rightly) leaves an ignored SIGINT ignored, so the run would never see the Ctrl-C sent below."""
+
+if sys.platform == "win32":
+    # Windows: no fork, no SIGTERM to send (terminate() is TerminateProcess, a kill), and Ctrl-C is a console
+    # event, which Wine cannot send (it has no console: GenerateConsoleCtrlEvent fails with WinError 12)
+    INTERRUPTIONS = [("kill", "spawn")]
+else:
+    INTERRUPTIONS = [(how, "fork") for how in ("SIGINT", "SIGTERM", "kill")] + [
+        (how, start) for how in ("SIGINT", "SIGTERM") for start in ("spawn", "forkserver")
+    ]
 
 
-@pytest.mark.parametrize(
-    ("how", "start"),
-    [(how, "fork") for how in ("SIGINT", "SIGTERM", "SIGKILL")]
-    + [(how, start) for how in ("SIGINT", "SIGTERM") for start in ("spawn", "forkserver")],
-)
+@pytest.mark.parametrize(("how", "start"), INTERRUPTIONS)
 def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path, how: str, start: str):
     root = tmp_path / "archive"
     snapshots = big_archive(root)
-    tool = [sys.executable, "-c", WITH_START_METHOD, start]
+    tool = [sys.executable, "-c", CTRL_C_AS_IN_A_TERMINAL + WITH_START_METHOD, start]
     command = [*tool, str(root), "--jobs", "2", "--no-model-check"]
     first_report = tmp_path / "first.json"
-    run = subprocess.Popen(
-        [*command, "--json", str(first_report)],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_ctrl_c_as_in_a_terminal,
+    run = processes.start(
+        [*command, "--json", str(first_report)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     done = 0
     while done < 3:  # let a few projects finish, then interrupt
         line = run.stderr.readline()
         assert line, "the run ended before it could be interrupted"
         done += line.startswith("[")
-    if how == "SIGKILL":
-        os.killpg(run.pid, signal.SIGKILL)  # the whole run, workers included
+    if how == "kill":
+        run.kill_tree()  # the whole run, workers included: kill -9 of the session, or the job object's end
     else:  # Ctrl-C, or a scheduler's SIGTERM, to the main process only: it stops its workers
         os.kill(run.pid, getattr(signal, how))
     out, err = run.communicate(timeout=120)
-    if how == "SIGKILL":
-        assert run.returncode == -signal.SIGKILL
+    if how == "kill":
+        assert run.killed(), run.returncode
     else:
         assert run.returncode == 130, out + err
         assert "INTERRUPTED, run again to finish" in out
@@ -306,6 +307,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_work(tmp_path: Path
     assert leftovers == []
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: SLURM clusters run Linux (submit writes bash scripts)")
 def test_submit_dry_run_writes_both_scripts_and_submits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     bash = shutil.which("bash")
     monkeypatch.setenv("PATH", str(tmp_path / "no sbatch here"))
@@ -328,6 +330,7 @@ def test_submit_dry_run_writes_both_scripts_and_submits_nothing(tmp_path: Path, 
     assert "sbatch not found" in submitted.output
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: Windows has no SIGTERM a process can catch")
 def test_sigterm_stops_a_single_project_run_cleanly_and_a_rerun_finishes(tmp_path: Path):
     project = make_project(tmp_path / "one project")
     snapshots = prefixed_snapshots(project, count=12, floats=1_500_000)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -206,7 +205,7 @@ def run_until(args: list[object], moment: Callable[[], bool], timeout: float = 3
     deadline = time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
         if moment():
-            process.send_signal(signal.SIGKILL)
+            process.kill()  # SIGKILL; TerminateProcess on Windows
             process.wait()
             return None
         time.sleep(0.005)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, TinyPose, save_snapshot, wrapped_state_dict
+from conftest import TRAIN, TinyPose, load_in_memory, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import (
     load_snapshot,
@@ -66,7 +66,7 @@ def test_a_new_pickle_loads_in_torch_with_bit_identical_tensors(snapshot: Path, 
 
 def test_migrate_rewrites_without_torch_saving_and_restores(project: Path, snapshot: Path, monkeypatch):
     original = snapshot.read_bytes()
-    expected, _ = transforms.strip_wrapper_prefixes(load_snapshot(snapshot))
+    expected, _ = transforms.strip_wrapper_prefixes(load_in_memory(snapshot))
     monkeypatch.setattr(torch, "save", None)  # the copy-speed path never calls it
     report = migrate_project(project, check_model=False)
     assert [r.status for r in report.results] == [Status.FIXED], report.results[0].describe()
@@ -142,7 +142,7 @@ def test_a_kill_at_any_point_of_the_rewrite_leaves_the_original_or_the_migrated_
     the path holds the original or the migrated snapshot, the next run finishes, restore gives the original back."""
     path = save_snapshot(project / TRAIN / "snapshot-005.pt", hrnet_sized_state(keys), optimizer={"state": {}})
     original = path.read_bytes()
-    before, after = load_snapshot(path), transforms.strip_wrapper_prefixes(load_snapshot(path), ("model",))[0]
+    before, after = load_in_memory(path), transforms.strip_wrapper_prefixes(load_in_memory(path), ("model",))[0]
     layout = zipappend.read_layout(path)
     records, order = pickled.loads(zipappend.read_member(path, layout, layout.pickle_record()))
     plan = rezip.plan(path, layout)
@@ -162,9 +162,8 @@ def test_a_kill_at_any_point_of_the_rewrite_leaves_the_original_or_the_migrated_
             [sys.executable, script, project, method, stage, str(cut)], capture_output=True, text=True, check=False
         )
         assert child.returncode == 137, (stage, cut, child.stdout + child.stderr)
-        now = load_snapshot(path)
         expected = after if stage == "after replace" else before
-        assert compare_snapshots(expected, now) == [], (stage, cut)
+        assert compare_snapshots(expected, load_snapshot(path)) == [], (stage, cut)
         rerun = migrate_project(project, method=method, check_model=False)
         assert rerun.exit_code() == 0, (stage, cut, [r.describe() for r in rerun.results])
         assert compare_snapshots(after, load_snapshot(path)) == [], (stage, cut)

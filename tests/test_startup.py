@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE, TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
+from conftest import SAMPLE, TRAIN, TinyPose, load_in_memory, make_project, save_snapshot, wrapped_state_dict
 
-from dlc_snapshot_fix import autoload, load_snapshot, transforms
+from dlc_snapshot_fix import autoload, transforms
 from dlc_snapshot_fix.verify import compare_snapshots
 
 HEAVY = ("torch", "numpy", "deeplabcut", "yaml", "click", "dlc_snapshot_fix.reading", "dlc_snapshot_fix.plugin")
@@ -97,7 +97,7 @@ def test_check_and_migration_run_without_torch(tmp_path: Path, scope: str, metho
     shutil.copy(next(SAMPLE.glob("dlc-models-pytorch/*/*/train/pytorch_config.yaml")), project / TRAIN)
     state = wrapped_state_dict(TinyPose(), "dp")
     snapshots = [save_snapshot(project / TRAIN / f"snapshot-00{i}.pt", state, metadata={"epoch": i}) for i in (1, 2)]
-    expected = [transforms.strip_wrapper_prefixes(load_snapshot(s))[0] for s in snapshots]
+    expected = [transforms.strip_wrapper_prefixes(load_in_memory(s))[0] for s in snapshots]
     target = str(project if scope == "project" else project.parent)
     for args, code in (
         ([target, "--check", "--no-model-check"], 1),

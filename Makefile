@@ -28,8 +28,9 @@ matrix:  ## the other environments the README promises, each its own venv (CI ru
 dist-check:  ## build the sdist and wheel, twine check them, install the wheel into a fresh torch-only venv, run it
 	bash scripts/check_dist.sh
 
-wine-test:  ## the torch-only suite under python.org's Windows CPython and torch's Windows wheel, in Wine (CI runs it)
+wine-test: $(BIN)/.installed  ## the torch-only suite under python.org's Windows CPython and torch's Windows wheel, in Wine; then the same commands on a DeepLabCut-made project there and here, compared (CI runs it)
 	bash scripts/wine.sh test
+	bash scripts/wine.sh parity
 
 clean-demo:
 	rm -rf sample_project/.dlc-snapshot-fix sample_project/evaluation-results-pytorch

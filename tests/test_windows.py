@@ -84,7 +84,27 @@ def test_undoing_an_append_while_another_process_maps_the_file_says_so_and_a_rer
     assert snapshot.read_bytes() == original
 
 
-def test_a_snapshot_marked_read_only_is_named_as_such(project: Path):
+def _read_only_stops_a_replace(folder: Path) -> bool:
+    """Whether this system refuses to replace a file with the read-only attribute (Windows does; see below)."""
+    target, source = folder / "read-only probe", folder / "replacement probe"
+    target.write_bytes(b"old")
+    source.write_bytes(b"new")
+    os.chmod(target, stat.S_IREAD)
+    try:
+        os.replace(source, target)
+        return False
+    except PermissionError:
+        return True
+    finally:
+        for path in (target, source):
+            if path.exists():
+                os.chmod(path, stat.S_IREAD | stat.S_IWRITE)
+                path.unlink()
+
+
+def test_a_snapshot_marked_read_only_is_named_as_such(project: Path, tmp_path: Path):
+    if not _read_only_stops_a_replace(tmp_path):
+        pytest.skip("the read-only attribute does not stop a replace here (Wine 8.0 gap, run as root)")
     snapshot = prefixed(project)
     os.chmod(snapshot, stat.S_IREAD)  # Windows: the read-only attribute
     try:

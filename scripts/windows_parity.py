@@ -10,13 +10,15 @@ restore, --method append, restore, an archive run with --jobs 2, inspect. Record
 the exit code, each snapshot's status, changes and method, and the sha256 of every snapshot
 file. DeepLabCut's verdict is left out (--no-model-check): DeepLabCut runs on the Linux side
 only. --fix-metadata on both sides: the rc5 metrics are numpy scalars, and what the tool does
-with them by default depends on the numpy it runs with (the Windows run has numpy 1.26).
+with them by default depends on the numpy it runs with (the Windows run has numpy 1.26, as
+every numpy 2 fails under Wine 8.0); the words saying why (which name the numpy) are left out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -51,10 +53,19 @@ def _snapshot_hashes(root: Path) -> dict[str, str]:
     }
 
 
+NUMPY_WHY = re.compile(r" \(DeepLabCut refuses them: they were pickled under numpy .*\)$")
+"""Why the numpy scalars are made plain, which names the numpy each side runs (2.x here, 1.x under Wine)."""
+
+
 def _rows(report: Path, root: Path) -> list[tuple]:
     data = json.loads(report.read_text(encoding="utf-8"))
     return sorted(
-        (Path(r["path"]).relative_to(root).as_posix(), r["status"], tuple(r.get("changes") or ()), r.get("method"))
+        (
+            Path(r["path"]).relative_to(root).as_posix(),
+            r["status"],
+            tuple(NUMPY_WHY.sub("", change) for change in r.get("changes") or ()),
+            r.get("method"),
+        )
         for r in data.get("snapshots", [])
     )
 
@@ -67,7 +78,7 @@ def run(folder: Path, out: Path) -> None:
     tool = [sys.executable, "-m", "dlc_snapshot_fix"]
     plain = ["--no-model-check", "--fix-metadata"]
     steps = [
-        ("check", [project, "--check", "--no-model-check"]),
+        ("check", [project, "--check", *plain]),
         ("migrate", [project, *plain]),
         ("second run", [project, *plain]),
         ("restore", ["restore", project]),

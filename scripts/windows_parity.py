@@ -16,7 +16,6 @@ every numpy 2 fails under Wine 8.0); the words saying why (which name the numpy)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -46,8 +45,10 @@ def make(folder: Path) -> None:
 
 
 def _snapshot_hashes(root: Path) -> dict[str, str]:
+    from dlc_snapshot_fix.store import sha256_of
+
     return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        p.relative_to(root).as_posix(): sha256_of(p)
         for p in sorted(root.rglob("*.pt"))
         if ".dlc-snapshot-fix" not in p.parts
     }

@@ -6,6 +6,7 @@ here needs ``deeplabcut``; nothing here is needed to migrate a project.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -70,12 +71,18 @@ def write_dataparallel_snapshots(
     return written
 
 
+def load_in_memory(path: Path) -> dict[str, Any]:
+    """``load_snapshot``, its tensors copied out of the file's memory map: the caller can keep it while the file
+    is replaced or truncated, which Windows refuses while a process maps it (as a user's DeepLabCut would)."""
+    return copy.deepcopy(load_snapshot(path))
+
+
 def rewrap_as_dataparallel(path: Path, model: torch.nn.Module) -> Path:
     """Turn a snapshot DeepLabCut wrote into the one a two-GPU rc5 run would have written.
 
     Every entry but ``model`` (metadata, optimizer, scheduler) is kept as DeepLabCut wrote it.
     """
-    snapshot = load_snapshot(path)
+    snapshot = load_in_memory(path)  # the file is replaced below
     model.load_state_dict(snapshot["model"], strict=True)
     return save_like_multi_gpu_rc5(path, model, snapshot)
 

@@ -1,17 +1,23 @@
 """The same commands on the same DeepLabCut-made project, on Linux and on a real Windows CPython: same results?
 
     python scripts/windows_parity.py make FOLDER        # Linux, DeepLabCut installed: FOLDER/archive, two copies
-                                                        # of sample_project with rc5 two-GPU snapshots of its model
-    python scripts/windows_parity.py run FOLDER OUT     # any platform: the steps below on a copy of FOLDER/archive
+                                                        # of sample_project with rc5 two-GPU snapshots of its model,
+                                                        # and FOLDER/three bodyparts (a project to adapt to)
+    python scripts/windows_parity.py run FOLDER OUT     # any platform with DeepLabCut: the steps below on a copy
     python scripts/windows_parity.py compare A B        # exit 1 on any difference, printing each
 
 Steps (each the installed command line, in a fresh process): --check, migrate, a second run,
-restore, --method append, restore, an archive run with --jobs 2, inspect. Recorded per step:
-the exit code, each snapshot's status, changes and method, and the sha256 of every snapshot
-file. DeepLabCut's verdict is left out (--no-model-check): DeepLabCut runs on the Linux side
-only. --fix-metadata on both sides: the rc5 metrics are numpy scalars, and what the tool does
-with them by default depends on the numpy it runs with (the Windows run has numpy 1.26, as
-every numpy 2 fails under Wine 8.0); the words saying why (which name the numpy) are left out.
+restore, --method append, restore, an archive run with --jobs 2, inspect, inspect --against the
+three-bodypart project, adapt to it. Recorded per step: the exit code, each snapshot's status,
+changes, method and DeepLabCut's verdict (status and words), and the sha256 of every snapshot
+file; for inspect what the file holds and the verdict; for adapt the adapted model's tensors
+(names, shapes, dtypes, sha256 of their bytes). Paths are recorded relative to the folder.
+
+--fix-metadata on both sides: the rc5 metrics are numpy scalars pickled under the Linux side's
+numpy 2, and the Windows side runs numpy 1.26 (every numpy 2 fails under Wine 8.0), whose
+DeepLabCut refuses them, so its verdict on them rightly differs (the tests check each side's
+verdict against its own DeepLabCut); with the metrics made plain both sides judge the same
+bytes. The notes saying why (which name the numpy each side runs) are left out.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIES = ("mouse A", "rat B")
-INSPECTED = ("entries", "epoch", "metrics", "wrapper_prefixes", "parameters", "tensor_bytes", "head_shapes")
+INSPECTED = ("entries", "epoch", "metrics", "wrapper_prefixes", "parameters", "tensor_bytes", "head_shapes", "cause")
+TARGET = "three bodyparts"
 
 
 def make(folder: Path) -> None:
-    from dlc_snapshot_fix.testing import build_pose_model, write_dataparallel_snapshots
+    from dlc_snapshot_fix.testing import build_pose_model, make_sample_project, write_dataparallel_snapshots
 
     archive = folder / "archive"
     shutil.rmtree(archive, ignore_errors=True)
@@ -41,6 +48,8 @@ def make(folder: Path) -> None:
         train = next(project.glob("dlc-models-pytorch/iteration-*/*/train"))
         model = build_pose_model(train / "pytorch_config.yaml")  # DeepLabCut builds it from the project's config
         write_dataparallel_snapshots(train, model, epochs=(5, 10), best_epoch=10)
+    shutil.rmtree(folder / TARGET, ignore_errors=True)
+    make_sample_project(folder / TARGET, ("head", "tail", "mid"))
     print(f"made {archive}: {len(list(archive.rglob('*.pt')))} snapshots")
 
 
@@ -58,7 +67,20 @@ NUMPY_WHY = re.compile(r" \(DeepLabCut refuses them: they were pickled under num
 """Why the numpy scalars are made plain, which names the numpy each side runs (2.x here, 1.x under Wine)."""
 
 
-def _rows(report: Path, root: Path) -> list[tuple]:
+def _portable(text: str | None, scratch: Path) -> str | None:
+    """Words with this side's scratch folder named SCRATCH and / between folders, so both sides compare."""
+    return None if text is None else text.replace(str(scratch), "SCRATCH").replace("\\", "/")
+
+
+def _verdicts(model_check: dict | None, scratch: Path) -> dict:
+    """DeepLabCut's verdict per entry ('model', 'detector'): status and words."""
+    return {
+        entry: (check["status"], _portable(check["reason"], scratch))
+        for entry, check in sorted((model_check or {}).items())
+    }
+
+
+def _rows(report: Path, root: Path, scratch: Path) -> list[tuple]:
     data = json.loads(report.read_text(encoding="utf-8"))
     return sorted(
         (
@@ -66,43 +88,79 @@ def _rows(report: Path, root: Path) -> list[tuple]:
             r["status"],
             tuple(NUMPY_WHY.sub("", change) for change in r.get("changes") or ()),
             r.get("method"),
+            _verdicts(r.get("model_check"), scratch),
         )
         for r in data.get("snapshots", [])
     )
+
+
+def _inspected(report: Path, root: Path, scratch: Path) -> list[list]:
+    """What inspect says each file holds, and DeepLabCut's verdict on it with the fix it names."""
+    return sorted(
+        [
+            Path(s["path"]).relative_to(root).as_posix(),
+            *(s[k] for k in INSPECTED),
+            _verdicts({"model": s["model_check"]}, scratch),
+            _portable(s["fix"], scratch),
+        ]
+        for s in json.loads(report.read_text(encoding="utf-8"))
+    )
+
+
+def _tensors(snapshot: Path) -> dict[str, list]:
+    """Every tensor of the snapshot's model: shape, dtype and the sha256 of its bytes."""
+    import hashlib
+
+    import torch
+
+    model = torch.load(snapshot, map_location="cpu", weights_only=True)["model"]
+    return {
+        key: [
+            list(t.shape),
+            str(t.dtype),
+            hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest(),
+        ]
+        for key, t in sorted(model.items())
+    }
 
 
 def run(folder: Path, out: Path) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="parity-"))
     root = scratch / "archive"
     shutil.copytree(folder / "archive", root)
+    target = shutil.copytree(folder / TARGET, scratch / TARGET)
     project = root / COPIES[0]
+    best = next((root / COPIES[1]).rglob("snapshot-best-*.pt"))
+    adapted = scratch / "adapted.pt"
     tool = [sys.executable, "-m", "dlc_snapshot_fix"]
-    plain = ["--no-model-check", "--fix-metadata"]
     steps = [
-        ("check", [project, "--check", *plain]),
-        ("migrate", [project, *plain]),
-        ("second run", [project, *plain]),
+        ("check", [project, "--check", "--fix-metadata"]),
+        ("migrate", [project, "--fix-metadata"]),
+        ("second run", [project, "--fix-metadata"]),
         ("restore", ["restore", project]),
-        ("append", [project, *plain, "--method", "append"]),
+        ("append", [project, "--fix-metadata", "--method", "append"]),
         ("restore after append", ["restore", project]),
-        ("archive, --jobs 2", [root, *plain, "--jobs", "2"]),
+        ("archive, --jobs 2", [root, "--fix-metadata", "--jobs", "2"]),
         ("inspect", ["inspect", root / COPIES[1]]),
+        ("inspect --against", ["inspect", best, "--against", target]),
+        ("adapt", ["adapt", best, "--target", target, "--output", adapted]),
     ]
     record = {}
     for name, args in steps:
         report = scratch / "report.json"
         report.unlink(missing_ok=True)
-        done = subprocess.run([*tool, *map(str, args), "--json", str(report)], capture_output=True, text=True)
-        if name == "inspect":  # what the file holds; the exit code and notes say what DeepLabCut (absent there) does
-            rows = sorted(
-                [Path(s["path"]).relative_to(root).as_posix(), *(s[k] for k in INSPECTED)]
-                for s in json.loads(report.read_text(encoding="utf-8"))
-            )
-            record[name] = {"rows": rows, "snapshots": _snapshot_hashes(root)}
+        json_report = [] if name == "adapt" else ["--json", str(report)]
+        done = subprocess.run([*tool, *map(str, args), *json_report], capture_output=True, text=True)
+        step: dict = {"exit code": done.returncode}
+        if name == "adapt":
+            step["tensors"] = _tensors(adapted) if adapted.exists() else {}
+        elif name.startswith("inspect"):
+            step["rows"] = _inspected(report, root, scratch) if report.exists() else []
         else:
-            rows = _rows(report, root) if report.exists() else []
-            record[name] = {"exit code": done.returncode, "rows": rows, "snapshots": _snapshot_hashes(root)}
-        print(f"{name}: exit {done.returncode}, {len(rows)} rows", flush=True)
+            step["rows"] = _rows(report, root, scratch) if report.exists() else []
+        step["snapshots"] = _snapshot_hashes(root)
+        record[name] = step
+        print(f"{name}: exit {done.returncode}, {len(step.get('rows') or step.get('tensors') or ())} rows", flush=True)
     out.write_text(json.dumps(record, indent=1, default=list), encoding="utf-8")
     shutil.rmtree(scratch, ignore_errors=True)
 

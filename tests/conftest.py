@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import atexit
-import copy
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -22,8 +22,8 @@ settings.register_profile(  # `--hypothesis-profile slow-host`: Wine runs every 
 
 TRAIN = "dlc-models-pytorch/iteration-0/testNov22-trainset80shuffle1/train"
 SAMPLE = Path(__file__).parents[1] / "sample_project"
-SAMPLE_MADE_BY = "3.0.2"
-"""The DeepLabCut that made sample_project (scripts/make_sample_project.py)."""
+SAMPLE_MADE_BY = ("3.0.2", 2)
+"""The DeepLabCut and the numpy major that made sample_project (scripts/make_sample_project.py)."""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # DeepLabCut must never wait for a hub here
 # Model signatures are kept in the user's cache folder: the tests keep theirs apart (and begin with none).
@@ -57,7 +57,30 @@ def _symlinks_work() -> bool:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _held_locks_set_errno() -> bool:
+    """Whether a lock another handle holds makes ``msvcrt.locking`` fail with an errno, as Windows' C runtime does
+    (EACCES) and filelock 3.x needs to tell "held" from "broken". Wine 8.0's fails with errno 0."""
+    if sys.platform != "win32":
+        return True
+    import msvcrt
+
+    folder = Path(tempfile.mkdtemp(prefix="dlc-snapshot-fix-lock-"))
+    holder = os.open(folder / "probe", os.O_RDWR | os.O_CREAT)
+    other = os.open(folder / "probe", os.O_RDWR)
+    try:
+        msvcrt.locking(holder, msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(other, msvcrt.LK_NBLCK, 1)
+        return False  # both took it: no lock works here
+    except OSError as error:
+        return error.errno != 0
+    finally:
+        os.close(other)
+        os.close(holder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 SYMLINKS_WORK = _symlinks_work()
+HELD_LOCKS_SET_ERRNO = _held_locks_set_errno()
 needs_symlinks = pytest.mark.skipif(
     not SYMLINKS_WORK,
     reason="no symbolic links here (Wine 8.0 gap: it reports making one and makes nothing; "
@@ -93,14 +116,6 @@ WITH_START_METHOD = (  # the CLI, its pool workers started as on Windows and mac
 """``python -c WITH_START_METHOD METHOD ARGS...``: the CLI with its pool's start method chosen."""
 
 
-def load_in_memory(path: Path) -> dict:
-    """``load_snapshot``, its tensors copied out of the file's memory map: a test can keep it while the tool
-    replaces or truncates the file, which Windows refuses while a process maps it (as a user's DeepLabCut would)."""
-    from dlc_snapshot_fix import load_snapshot
-
-    return copy.deepcopy(load_snapshot(path))
-
-
 def save_snapshot(path: Path, state_dict, **extra) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"metadata": {"epoch": 3, "metrics": {"test.rmse": 2.0}}, "model": state_dict, **extra}, path)
@@ -127,22 +142,32 @@ def train_dir_of(project: Path) -> Path:
     return next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
 
 
-@pytest.fixture(scope="session")
-def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sample_project after one real epoch of training, with DeepLabCut's own clean snapshots.
+def sample_project_copy(destination: Path) -> Path:
+    """sample_project at ``destination`` without snapshots or results, as this DeepLabCut and numpy can use it.
 
-    sample_project was made by DeepLabCut 3.0.2; under another version the same project is
-    made by that version's own functions (3.0.0 cannot read some of 3.0.2's config keys).
+    sample_project was made by DeepLabCut 3.0.2 with numpy 2; under another version the same
+    project is made by that version's own functions (3.0.0 cannot read some of 3.0.2's config
+    keys), and so it is under numpy 1 (the Windows run): DeepLabCut's training-set pickles name
+    numpy 2's modules (numpy._core), which numpy 1 cannot import.
     """
     import deeplabcut
+    import numpy
 
-    from dlc_snapshot_fix.testing import build_pose_model, copy_project, make_sample_project
+    from dlc_snapshot_fix.testing import copy_project, make_sample_project
 
-    project = tmp_path_factory.mktemp("dlc") / "sample project"
-    if deeplabcut.__version__ == SAMPLE_MADE_BY:
-        copy_project(SAMPLE, project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*"))
-    else:
-        make_sample_project(project)
+    if (deeplabcut.__version__, int(numpy.__version__.split(".")[0])) == SAMPLE_MADE_BY:
+        ignore = shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*")
+        return copy_project(SAMPLE, destination, ignore=ignore)
+    return make_sample_project(destination)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sample_project (or its twin, made here: ``sample_project_copy``) after one real epoch of training,
+    with DeepLabCut's own clean snapshots."""
+    from dlc_snapshot_fix.testing import build_pose_model
+
+    project = sample_project_copy(tmp_path_factory.mktemp("dlc") / "sample project")
     train_dir = next(project.glob("dlc-models-pytorch/iteration-0/*/train"))
     random_init = project / "random-init.pt"  # outside train/: DeepLabCut must not list it
     torch.save({"model": build_pose_model(train_dir / "pytorch_config.yaml").state_dict()}, random_init)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TRAIN, TinyPose, load_in_memory, save_snapshot, wrapped_state_dict
+from conftest import TRAIN, TinyPose, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import load_snapshot, migrate_project, names, pickled, transforms, zipappend
 from dlc_snapshot_fix.cli import main
+from dlc_snapshot_fix.testing import load_in_memory
 from dlc_snapshot_fix.verify import compare_snapshots
 
 

@@ -14,7 +14,6 @@ import functools
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,11 +22,11 @@ from pathlib import Path
 import deeplabcut
 import pytest
 import torch
-from conftest import train_dir_of
+from conftest import HELD_LOCKS_SET_ERRNO, sample_project_copy, train_dir_of
 from deeplabcut.core.config import read_config_as_dict
 
 from dlc_snapshot_fix import load_snapshot
-from dlc_snapshot_fix.testing import copy_project, make_sample_project, save_like_multi_gpu_rc5
+from dlc_snapshot_fix.testing import copy_project, load_in_memory, make_sample_project, save_like_multi_gpu_rc5
 from dlc_snapshot_fix.verify import build_detector, build_pose_model
 
 pytestmark = pytest.mark.deeplabcut
@@ -86,7 +85,7 @@ SAMPLE = Path(__file__).parents[1] / "sample_project"
 
 def _top_down_project(root: Path, detector_type: str = "ssdlite") -> tuple[Path, int]:
     """sample_project with a second shuffle: top-down ResNet-50 behind one of DeepLabCut's detectors."""
-    project = copy_project(SAMPLE, root / "top down", ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix"))
+    project = sample_project_copy(root / "top down")
     deeplabcut.create_training_dataset(
         str(project / "config.yaml"),
         Shuffles=[2],
@@ -164,7 +163,7 @@ def test_a_head_of_the_wrong_shape_is_explained_by_module(multi_gpu_project: Pat
     """Item 6 of the core issue: the model check names what does not fit, grouped by module."""
     train_dir = next(multi_gpu_project.glob("dlc-models-pytorch/iteration-0/*/train"))
     path = train_dir / "snapshot-001.pt"
-    snapshot = load_snapshot(path)
+    snapshot = load_in_memory(path)  # not mapped: the file is replaced below
     model_sd = dict(snapshot["model"])
     head_keys = [k for k in model_sd if k.startswith("module.heads.bodypart.heatmap_head")]
     for key in head_keys:  # a head trained for one more bodypart
@@ -262,6 +261,11 @@ def test_two_concurrent_runs_never_both_write(multi_gpu_project: Path):
     assert fixed == 2, outcomes  # each snapshot rewritten exactly once, by one of the two runs
     busy = [err for code, _, err in outcomes if code == 2]
     assert codes in ([0, 0], [0, 2]), outcomes  # the loser either waited its turn (found all clean) or stopped
-    assert all("another dlc-snapshot-fix run holds" in err for err in busy)
+    import filelock
+
+    if HELD_LOCKS_SET_ERRNO or int(filelock.__version__.split(".")[0]) >= 4:
+        assert all("another dlc-snapshot-fix run holds" in err for err in busy), busy
+    else:  # Wine 8.0: the held lock fails with errno 0, which filelock 3.x (DeepLabCut's pin) raises as it is
+        assert all("cannot take the lock" in err and "nothing was written" in err for err in busy), busy
     manifest = json.loads((multi_gpu_project / ".dlc-snapshot-fix" / "manifest.json").read_text())
     assert len(manifest["entries"]) == 2

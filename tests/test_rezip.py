@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, TinyPose, load_in_memory, save_snapshot, wrapped_state_dict
+from conftest import TRAIN, TinyPose, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import (
     load_snapshot,
@@ -25,6 +25,7 @@ from dlc_snapshot_fix import (
 )
 from dlc_snapshot_fix.reading import read_recorded
 from dlc_snapshot_fix.report import Status
+from dlc_snapshot_fix.testing import load_in_memory
 from dlc_snapshot_fix.verify import compare_snapshots
 
 

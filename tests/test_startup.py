@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE, TRAIN, TinyPose, load_in_memory, make_project, save_snapshot, wrapped_state_dict
+from conftest import SAMPLE, TRAIN, TinyPose, make_project, save_snapshot, wrapped_state_dict
 
 from dlc_snapshot_fix import autoload, transforms
+from dlc_snapshot_fix.testing import load_in_memory
 from dlc_snapshot_fix.verify import compare_snapshots
 
 HEAVY = ("torch", "numpy", "deeplabcut", "yaml", "click", "dlc_snapshot_fix.reading", "dlc_snapshot_fix.plugin")

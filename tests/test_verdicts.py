@@ -22,6 +22,7 @@ from conftest import SAMPLE, TRAIN, TinyPose, save_snapshot, train_dir_of, wrapp
 from deeplabcut.pose_estimation_pytorch.runners.base import attempt_snapshot_load
 
 from dlc_snapshot_fix import load_snapshot
+from dlc_snapshot_fix.testing import load_in_memory
 
 pytestmark = pytest.mark.deeplabcut
 DATA = Path(__file__).parent / "data"
@@ -72,14 +73,14 @@ def test_the_verdict_is_deeplabcuts_loader_not_a_plain_strict_load(multi_gpu_pro
     project, train_dir = multi_gpu_project, train_dir_of(multi_gpu_project)
     assert cli(project).returncode == 0
     path = train_dir / "snapshot-best-001.pt"
-    snapshot = load_snapshot(path)
+    snapshot = load_in_memory(path)  # not mapped: the file is replaced below
     partial = path.with_name("partial")  # never truncate a file that may be memory-mapped
     torch.save({**snapshot, "metadata": {"epoch": 1, "metrics": {"test.rmse": np.float32(2.5)}}}, partial)
     os.replace(partial, path)
 
     from dlc_snapshot_fix.testing import build_pose_model
 
-    plain = load_snapshot(path)  # our allow-list reads it ...
+    plain = load_in_memory(path)  # our allow-list reads it ... (not mapped: the tool replaces the file below)
     build_pose_model(train_dir / "pytorch_config.yaml").load_state_dict(plain["model"], strict=True)  # ... and fits
     assert not deeplabcut_reads(path)  # ... but DeepLabCut refuses it
 

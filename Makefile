@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test matrix dist-check wine-test clean-demo
+.PHONY: demo test matrix dist-check wine-test docs clean-demo
 
 $(BIN)/.installed: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,25 @@ test: $(BIN)/.installed  ## lint, then every test, including the ones that run t
 	for platform in linux win32 darwin; do $(BIN)/mypy --platform $$platform || exit 1; done
 	$(BIN)/python -m pytest
 
-matrix:  ## the other environments the README promises, each its own venv (CI runs it after `make test`)
+matrix:  ## the other environments docs/promises.md promises, each its own venv (CI runs it after `make test`)
 	bash scripts/matrix.sh
+
+DOCS_VENV ?= .venv-docs
+$(DOCS_VENV)/.installed: docs/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install --quiet -r docs/requirements.txt
+	$(DOCS_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+docs: $(DOCS_VENV)/.installed  ## the documentation site in docs/_build/html (Sphinx; any warning fails it; CI runs it)
+	$(DOCS_VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 dist-check:  ## build the sdist and wheel, twine check them, install the wheel into a fresh torch-only venv, run it
 	bash scripts/check_dist.sh
 
-wine-test: $(BIN)/.installed  ## the torch-only suite under python.org's Windows CPython and torch's Windows wheel, in Wine; then the same commands on a DeepLabCut-made project there and here, compared (CI runs it)
+wine-test: $(BIN)/.installed  ## the torch-only suite under python.org's Windows CPython and torch's Windows wheel, in Wine; DeepLabCut's end-to-end tests there; the same commands on a DeepLabCut-made project there and here, compared (CI runs it)
 	bash scripts/wine.sh test
+	bash scripts/wine.sh dlc-test
 	bash scripts/wine.sh parity
 
 clean-demo:

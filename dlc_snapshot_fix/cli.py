@@ -86,17 +86,17 @@ def _write_json(payload: Any, json_path: str | None) -> bool:
     return False
 
 
-def _emit(report: ProjectReport, json_path: str | None, quiet: bool) -> None:
+def _emit(report: ProjectReport, json_path: str | None, quiet: bool, verbose: bool = False) -> None:
     if _write_json(report.to_dict(), json_path):
         return
-    lines = report.render_lines()
+    lines = report.render_lines(verbose=verbose)
     if quiet:
         lines = lines[-1:]
     for text, colour in lines:
         click.secho(text, fg=colour)
 
 
-def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> None:
+def _run(action, json_path: str | None, quiet: bool, check: bool = False, verbose: bool = False) -> None:
     from dlc_snapshot_fix.migrate import ProjectBusyError
     from dlc_snapshot_fix.store import ManifestError
 
@@ -110,17 +110,36 @@ def _run(action, json_path: str | None, quiet: bool, check: bool = False) -> Non
             "run the same command again to finish",
             ExitCode.INTERRUPTED,
         )
-    _emit(report, json_path, quiet)
+    _emit(report, json_path, quiet, verbose)
     sys.exit(report.exit_code(check=check))
+
+
+def _examples(*commands: str) -> str:
+    """The end of a command's --help: commands a user can copy (click keeps the lines after \\b as they are)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {command}" for command in commands)
 
 
 JSON_OPTION = click.option(
     "--json", "json_path", metavar="FILE", help="Also write the report as JSON to FILE ('-': only JSON, to stdout)."
 )
 QUIET_OPTION = click.option("--quiet", "-q", is_flag=True, help="Print only the summary line.")
+VERBOSE_OPTION = click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Explain every snapshot in full (why each change, notes, how DeepLabCut's verdict was reached). "
+    "By default: one line each, and the full reason where you have something to do.",
+)
 
 
-@click.group(cls=DefaultToMigrate, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=DefaultToMigrate,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_examples(
+        "dlc-snapshot-fix ~/projects/mouse-lab-2024-05-01            # fix a project",
+        "dlc-snapshot-fix restore ~/projects/mouse-lab-2024-05-01    # undo it",
+    ),
+)
 @click.version_option(__version__, prog_name="dlc-snapshot-fix")
 @click.option("--debug", is_flag=True, help="Also print the traceback of every failure (anywhere on the line).")
 def main(debug: bool) -> None:
@@ -135,7 +154,12 @@ def main(debug: bool) -> None:
     """
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "dlc-snapshot-fix migrate ~/projects/mouse-lab-2024-05-01 --check",
+        "dlc-snapshot-fix migrate /data/dlc-archive --jobs 4 --csv report.csv",
+    )
+)
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if any snapshot needs migrating.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; show what would change.")
@@ -201,6 +225,7 @@ def main(debug: bool) -> None:
 @click.option("--csv", "csv_path", metavar="FILE", help="Archive: also write one CSV row per snapshot to FILE.")
 @JSON_OPTION
 @QUIET_OPTION
+@VERBOSE_OPTION
 def migrate(
     project: Path,
     check: bool,
@@ -220,6 +245,7 @@ def migrate(
     csv_path: str | None,
     json_path: str | None,
     quiet: bool,
+    verbose: bool,
 ) -> None:
     """Back up, fix in place and verify every snapshot of PROJECT (a folder or its config.yaml).
 
@@ -270,6 +296,7 @@ def migrate(
         json_path,
         quiet,
         check=check,
+        verbose=verbose,
     )
 
 
@@ -388,7 +415,7 @@ def _quiet_discover(project: Path) -> list:
         return []
 
 
-@main.command()
+@main.command(epilog=_examples("dlc-snapshot-fix submit /data/dlc-archive --tasks 16 --partition cpu --time 02:00:00"))
 @click.argument("archive", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--tasks", type=click.IntRange(min=1), required=True, help="Array tasks: shards of the archive.")
 @click.option("--partition", help="sbatch --partition for the tasks and the merge job.")
@@ -460,7 +487,10 @@ def submit(
     click.echo(f"merged report: {plan.merged_json} and {plan.merged_csv}")
 
 
-@main.command("merge-reports")
+@main.command(
+    "merge-reports",
+    epilog=_examples("dlc-snapshot-fix merge-reports RUN_DIR/reports --expect 16 --json merged.json --csv merged.csv"),
+)
 @click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "json_path", metavar="FILE", required=True, help="Write the merged report to FILE.")
 @click.option("--csv", "csv_path", metavar="FILE", help="Also write it as CSV.")
@@ -501,7 +531,7 @@ def merge_reports_command(reports: tuple[Path, ...], json_path: str, csv_path: s
     sys.exit(ExitCode.OK if merged["complete"] else ExitCode.PROBLEMS)
 
 
-@main.command()
+@main.command(epilog=_examples("dlc-snapshot-fix restore ~/projects/mouse-lab-2024-05-01"))
 @click.argument("project", type=click.Path(path_type=Path))
 @JSON_OPTION
 @QUIET_OPTION
@@ -512,7 +542,12 @@ def restore(project: Path, json_path: str | None, quiet: bool) -> None:
     _run(lambda: restore_project(project), json_path, quiet)
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "dlc-snapshot-fix inspect ~/projects/mouse-lab-2024-05-01",
+        "dlc-snapshot-fix inspect old/train/snapshot-best-200.pt --against ~/projects/new-lab-2024-06-01",
+    )
+)
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--against",
@@ -539,7 +574,11 @@ def inspect(path: Path, against: Path | None, shuffle: int | None, json_path: st
     sys.exit(ExitCode.OK if all(d.fits for d in diagnoses) else ExitCode.PROBLEMS)
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "dlc-snapshot-fix adapt old/train/snapshot-best-200.pt --target ~/projects/new-lab-2024-06-01 -o init.pt"
+    )
+)
 @click.argument("snapshot", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--target",
@@ -579,7 +618,7 @@ def adapt(
             click.echo(f"  {label}: {groups}")
 
 
-@main.group()
+@main.group(epilog=_examples("dlc-snapshot-fix plugin enable", "dlc-snapshot-fix plugin status"))
 def plugin() -> None:
     """Turn the DeepLabCut plugin on or off for every Python process of this environment.
 
@@ -589,21 +628,21 @@ def plugin() -> None:
     """
 
 
-@plugin.command()
+@plugin.command(epilog=_examples("dlc-snapshot-fix plugin enable"))
 def enable() -> None:
     """Load prefixed snapshots in every DeepLabCut run of this environment (writes a .pth file)."""
     path = autoload.enable()
     click.echo(f"enabled: {path}\nundo with: dlc-snapshot-fix plugin disable")
 
 
-@plugin.command()
+@plugin.command(epilog=_examples("dlc-snapshot-fix plugin disable"))
 def disable() -> None:
     """Remove the .pth file that `enable` wrote."""
     path = autoload.disable()
     click.echo(f"disabled: removed {path}" if path else f"already disabled: no {autoload.pth_path()}")
 
 
-@plugin.command()
+@plugin.command(epilog=_examples("dlc-snapshot-fix plugin status"))
 def status() -> None:
     """Say whether the plugin is enabled for this environment."""
     state = "enabled" if autoload.is_enabled() else "disabled"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class Status(str, enum.Enum):
 
 
 class ExitCode(enum.IntEnum):
-    """The command's exit codes (documented in the README)."""
+    """The command's exit codes (documented in docs/fixing.md)."""
 
     OK = 0
     NEEDS_MIGRATION = 1
@@ -85,8 +86,33 @@ class SnapshotResult:
     def ok(self) -> bool:
         return self.status != Status.FAILED and self.fits_model and not self.hints
 
+    def verdict_word(self) -> str:
+        """DeepLabCut's verdict in a word or two, or "" where none was asked for or could be given."""
+        checks = [check for check in self.model_checks.values() if check.status != "skipped"]
+        if not checks:
+            return ""
+        if any(check.status == "refused" for check in checks):
+            return "DeepLabCut: refuses it"
+        if any(check.status == "mismatch" for check in checks):
+            return "DeepLabCut: does not fit its model"
+        return "DeepLabCut: loads"
+
+    def short(self) -> str:
+        """The default line's words: what changed (the why left out), DeepLabCut's verdict in a word."""
+        verb = "would be " if self.status == Status.NEEDS_FIX else ""
+        parts = [f"{verb}{_WHY_IN_BRACKETS.sub('', change)}" for change in self.changes]
+        if self.method_note and self.status in (Status.NEEDS_FIX, Status.FIXED):
+            parts.append(f"{verb}rewritten, not appended")
+        if word := self.verdict_word():
+            parts.append(word)
+        return "; ".join(parts)
+
+    def needs_attention(self) -> bool:
+        """Whether the default output must say more than the short line: the user has something to do."""
+        return self.status == Status.FAILED or bool(self.hints) or not self.fits_model
+
     def describe(self) -> str:
-        """One line: what was (or would be) changed, then how the model check went."""
+        """The full explanation: what was (or would be) changed and why, notes, then how the model check went."""
         parts = []
         if self.reason:
             parts.append(self.reason)
@@ -104,6 +130,11 @@ class SnapshotResult:
             if text:
                 parts.append(text if len(self.model_checks) == 1 else f"{entry}: {text}")
         return "; ".join(parts)
+
+
+_WHY_IN_BRACKETS = re.compile(r" \((?=[A-Za-z]).*\)$")
+"""A change's closing explanation in brackets (``... made plain numbers (DeepLabCut refuses them: ...)``);
+counts in brackets (``(163 keys)``) stay."""
 
 
 @dataclass
@@ -173,8 +204,13 @@ class ProjectReport:
             "summary": {status.value: self.count(status) for status in Status if self.count(status)},
         }
 
-    def render_lines(self) -> list[tuple[str, str | None]]:
-        """Text lines for a terminal, each with a colour name (or ``None``)."""
+    def render_lines(self, verbose: bool = False) -> list[tuple[str, str | None]]:
+        """Text lines for a terminal, each with a colour name (or ``None``).
+
+        By default one short line per snapshot (status, what changed, DeepLabCut's verdict in a
+        word), and below it the full reason only where the user has something to do; ``verbose``:
+        every snapshot's full explanation (notes, why each change, how the verdict was reached).
+        """
         colours = {
             Status.FIXED: "green",
             Status.RESTORED: "green",
@@ -189,8 +225,10 @@ class ProjectReport:
         lines += [(f"  warning: {w}", "yellow") for w in self.warnings]
         for result in self.results:
             colour = colours[result.status] if result.fits_model and not result.hints else "red"
-            lines.append((f"  {result.status.value:<14} {self._relative(result.path)}", colour))
-            if detail := result.describe():
+            short = "" if verbose else result.short()
+            text = f"  {result.status.value:<14} {self._relative(result.path)}"
+            lines.append((f"{text}  {short}" if short else text, colour))
+            if (verbose or result.needs_attention()) and (detail := result.describe()):
                 lines.append((f"  {'':<14}   {detail}", None))
         for skipped in self.skipped:
             colour = "red" if skipped.problem else "yellow"

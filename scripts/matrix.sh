@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The environments the README promises, each its own venv built from the registry (CI runs this
+# The environments docs/promises.md promises, each its own venv built from the registry (CI runs this
 # after `make test`, whose pinned .venv is the main cell: deeplabcut 3.0.2, numpy 2, torch 2.14.1).
 #
 #   scripts/matrix.sh            build every cell, then run the cells' tests (both two at a time)

@@ -175,7 +175,7 @@ def test_a_pickle_too_large_to_append_takes_the_rewrite_in_the_same_run(project:
     assert (planned["status"], planned["method"]) == ("needs fix", "rewrite")
     assert "too large to append safely" in planned["method_note"]
 
-    done = CliRunner().invoke(main, [str(project), "--method", "append"], catch_exceptions=False)
+    done = CliRunner().invoke(main, [str(project), "--method", "append", "--verbose"], catch_exceptions=False)
     assert done.exit_code == 0, done.output
     assert "rewritten, not appended: the new pickle is" in done.output and "too large to append safely" in done.output
     assert compare_snapshots(expected, load_snapshot(path)) == []

@@ -51,7 +51,7 @@ def test_numpy_metadata_deeplabcut_refuses_is_made_plain_by_default_and_restored
     with pytest.raises(Exception, match="numpy"):
         torch.load(path, weights_only=True)
 
-    fixed = run(project)
+    fixed = run(project, "--verbose")  # the why of each change
     assert fixed.exit_code == 0, fixed.output
     assert "3 numpy scalar(s) in 'metadata' made plain numbers (DeepLabCut allow-lists numpy float64 only" in (
         fixed.output.replace("\n", " ")

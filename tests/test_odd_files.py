@@ -94,7 +94,9 @@ def test_odd_files_fail_alone_and_the_real_snapshots_are_fixed(multi_gpu_project
 
     # the same files through DeepLabCut's own judgement: the real snapshots load, the odd ones stay failures
     judged = subprocess.run(
-        [sys.executable, "-m", "dlc_snapshot_fix", multi_gpu_project, "--check"], capture_output=True, text=True
+        [sys.executable, "-m", "dlc_snapshot_fix", multi_gpu_project, "--check", "--verbose"],
+        capture_output=True,
+        text=True,
     )
     assert judged.returncode == 3 and "Traceback" not in judged.stdout + judged.stderr
     assert judged.stdout.count("loads it: its snapshot loader reads the file") == len(real), judged.stdout

@@ -81,8 +81,8 @@ def submit(slurm: SlurmCluster, archive: Path, run_dir: Path, *options: str) -> 
     return array.group(1), merge.group(1)
 
 
-def test_the_readme_shows_the_shipped_array_script():
-    assert SHIPPED_SCRIPT.read_text() in (REPO / "README.md").read_text()
+def test_the_slurm_page_shows_the_shipped_array_script():
+    assert SHIPPED_SCRIPT.read_text() in (REPO / "docs" / "slurm.md").read_text()
 
 
 def test_the_shipped_array_script_and_merge_reports(slurm: SlurmCluster, tmp_path: Path):

@@ -52,7 +52,7 @@ def test_rc5_numpy_metrics_are_a_note_and_every_run_exits_0(multi_gpu_project: P
     metrics = load_snapshot(train_dir / "snapshot-001.pt")["metadata"]["metrics"]
     assert metrics and all(type(v) is np.float64 for v in metrics.values())  # as rc5 saved them
 
-    migrated = cli(project, "--method", method)
+    migrated = cli(project, "--method", method, "--verbose")  # notes are shown in full
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     assert f"DeepLabCut {deeplabcut.__version__} reads them" in migrated.stdout
     deeplabcut.evaluate_network(str(project / "config.yaml"), Shuffles=[1])

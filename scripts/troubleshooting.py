@@ -160,9 +160,12 @@ def _drive_table() -> list[str]:
     sys.path.insert(0, str(ROOT))
     from dlc_snapshot_fix import fserrors
 
+    def posix_name(code: int) -> str:  # ENOTCONN, not Windows' errorcode name for the same value (WSAENOTCONN)
+        return min(name for name in dir(errno) if name.startswith("E") and getattr(errno, name) == code)
+
     rows = ["| the system said | in words | what to do |", "| --- | --- | --- |"]
-    for code, (meaning, advice) in sorted(fserrors._MEANINGS.items(), key=lambda item: errno.errorcode[item[0]]):
-        rows.append(f"| `{errno.errorcode[code]}` | {meaning} | {advice} |")
+    for code, (meaning, advice) in sorted(fserrors._MEANINGS.items(), key=lambda item: posix_name(item[0])):
+        rows.append(f"| `{posix_name(code)}` | {meaning} | {advice} |")
     for code, (meaning, advice) in sorted(fserrors._WINDOWS_MEANINGS.items()):
         rows.append(f"| `WinError {code}` (Windows) | {meaning} | {advice} |")
     for when, (meaning, advice) in (

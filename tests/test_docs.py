@@ -92,3 +92,12 @@ def test_every_command_on_the_page_runs(page: str, broken_project: Path):
         assert "Traceback" not in done.stdout + done.stderr, command
         if "--json" in command:
             assert (broken_project.parent / shlex.split(command)[-1]).is_file(), command
+
+
+@pytest.mark.parametrize("markdown", ["README.md", "CHANGELOG.md", "BENCHMARKS.md"])
+def test_relative_links_outside_the_site_lead_to_files(markdown: str):
+    """The site's own links are checked by Sphinx (make docs fails on a missing page); these files are read on
+    their own (on a forge, in an editor), so each relative link must name a file of the checkout."""
+    root = DOCS.parent
+    targets = re.findall(r"\]\((?!https?://|#)([^)#\s]+)", (root / markdown).read_text(encoding="utf-8"))
+    assert [target for target in targets if not (root / target).exists()] == []

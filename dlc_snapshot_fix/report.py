@@ -87,10 +87,11 @@ class SnapshotResult:
         return self.status != Status.FAILED and self.fits_model and not self.hints
 
     def verdict_word(self) -> str:
-        """DeepLabCut's verdict in a word or two, or "" where none was asked for or could be given."""
+        """DeepLabCut's verdict in a word or two ("" where none was asked for); --verbose says why it is missing."""
         checks = [check for check in self.model_checks.values() if check.status != "skipped"]
         if not checks:
-            return ""
+            asked = any(check.reason != NOT_REQUESTED for check in self.model_checks.values())
+            return "DeepLabCut: not checked" if asked else ""
         if any(check.status == "refused" for check in checks):
             return "DeepLabCut: refuses it"
         if any(check.status == "mismatch" for check in checks):
@@ -106,10 +107,6 @@ class SnapshotResult:
         if word := self.verdict_word():
             parts.append(word)
         return "; ".join(parts)
-
-    def needs_attention(self) -> bool:
-        """Whether the default output must say more than the short line: the user has something to do."""
-        return self.status == Status.FAILED or bool(self.hints) or not self.fits_model
 
     def describe(self) -> str:
         """The full explanation: what was (or would be) changed and why, notes, then how the model check went."""
@@ -131,6 +128,9 @@ class SnapshotResult:
                 parts.append(text if len(self.model_checks) == 1 else f"{entry}: {text}")
         return "; ".join(parts)
 
+
+NOT_REQUESTED = "model check not requested"
+"""The reason of a verdict left out on purpose (--no-model-check): the default line then says nothing of it."""
 
 _WHY_IN_BRACKETS = re.compile(r" \((?=[A-Za-z]).*\)$")
 """A change's closing explanation in brackets (``... made plain numbers (DeepLabCut refuses them: ...)``);
@@ -228,7 +228,7 @@ class ProjectReport:
             short = "" if verbose else result.short()
             text = f"  {result.status.value:<14} {self._relative(result.path)}"
             lines.append((f"{text}  {short}" if short else text, colour))
-            if (verbose or result.needs_attention()) and (detail := result.describe()):
+            if (verbose or not result.ok) and (detail := result.describe()):  # not ok: something to do
                 lines.append((f"  {'':<14}   {detail}", None))
         for skipped in self.skipped:
             colour = "red" if skipped.problem else "yellow"

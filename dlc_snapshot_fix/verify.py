@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dlc_snapshot_fix import keys, pickled, signature, transforms, zipappend
 from dlc_snapshot_fix.discover import SnapshotFile, read_yaml
+from dlc_snapshot_fix.report import NOT_REQUESTED
 from dlc_snapshot_fix.transforms import is_loaded_tensor
 
 if TYPE_CHECKING:
@@ -529,7 +530,7 @@ class ModelChecker:
         ``None`` where only the full load can tell (:meth:`check` then judges).
         """
         if not self.enabled:
-            return ModelCheck("skipped", "model check not requested")
+            return ModelCheck("skipped", NOT_REQUESTED)
         if self.deep or not deeplabcut_available():
             return None
         model_config, config_source = self._model_config(snapshot_file, snapshot, entry)
@@ -645,7 +646,7 @@ class ModelChecker:
         DeepLabCut-Live, not by that loader: they are checked in memory.
         """
         if not self.enabled:
-            return ModelCheck("skipped", "model check not requested")
+            return ModelCheck("skipped", NOT_REQUESTED)
         if not deeplabcut_available():
             return ModelCheck("skipped", "deeplabcut is not installed; model check skipped")
         loaded: Any = None

@@ -133,8 +133,9 @@ def reasons() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {section: set() for section in SECTIONS}
     trees = _trees()
     carriers = _carriers(trees)
+    shared = {name: text for tree in trees for name, text in _constants(tree).items()}  # imported constants too
     for tree in trees:
-        names = _constants(tree)
+        names = {**shared, **_constants(tree)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and _callee(node) in carriers:
                 section = carriers[_callee(node)]

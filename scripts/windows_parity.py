@@ -11,7 +11,9 @@ restore, --method append, restore, an archive run with --jobs 2, inspect, inspec
 three-bodypart project, adapt to it. Recorded per step: the exit code, each snapshot's status,
 changes, method and DeepLabCut's verdict (status and words), and the sha256 of every snapshot
 file; for inspect what the file holds and the verdict; for adapt the adapted model's tensors
-(names, shapes, dtypes, sha256 of their bytes). Paths are recorded relative to the folder.
+(names, shapes, dtypes, and the sha256 of the bytes of each one kept from the source: the
+re-initialised ones hold DeepLabCut's random initialisation, other values on every run).
+Paths are recorded relative to the folder.
 
 --fix-metadata on both sides: the rc5 metrics are numpy scalars pickled under the Linux side's
 numpy 2, and the Windows side runs numpy 1.26 (every numpy 2 fails under Wine 8.0), whose
@@ -107,18 +109,22 @@ def _inspected(report: Path, root: Path, scratch: Path) -> list[list]:
     )
 
 
-def _tensors(snapshot: Path) -> dict[str, list]:
-    """Every tensor of the snapshot's model: shape, dtype and the sha256 of its bytes."""
+def _tensors(adapted: Path, source: Path) -> dict[str, list]:
+    """Every tensor of the adapted model: shape, dtype, and the sha256 of its bytes where it was kept from the
+    source; a re-initialised one has DeepLabCut's random initialisation (other values on every run, here too)."""
     import hashlib
 
     import torch
 
-    model = torch.load(snapshot, map_location="cpu", weights_only=True)["model"]
+    model = torch.load(adapted, map_location="cpu", weights_only=True)["model"]
+    original = torch.load(source, map_location="cpu", weights_only=True)["model"]  # migrated by the archive step
     return {
         key: [
             list(t.shape),
             str(t.dtype),
-            hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest(),
+            hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+            if key in original and original[key].shape == t.shape and torch.equal(original[key], t)
+            else "re-initialised",
         ]
         for key, t in sorted(model.items())
     }
@@ -153,7 +159,7 @@ def run(folder: Path, out: Path) -> None:
         done = subprocess.run([*tool, *map(str, args), *json_report], capture_output=True, text=True)
         step: dict = {"exit code": done.returncode}
         if name == "adapt":
-            step["tensors"] = _tensors(adapted) if adapted.exists() else {}
+            step["tensors"] = _tensors(adapted, best) if adapted.exists() else {}
         elif name.startswith("inspect"):
             step["rows"] = _inspected(report, root, scratch) if report.exists() else []
         else:

@@ -115,6 +115,11 @@ setup_dlc() {  # then PYDIR is the install with DeepLabCut
 }
 
 run_pytest() {  # the installed wheel (-P: not this checkout's folder); judged by exit code and summary line
+  # the last runs' scratch in the Windows user's Temp (DeepLabCut's tests leave ~2 GB), and the model signatures
+  # they cached: on Linux the tests point XDG_CACHE_HOME at a folder of their own, which Windows' platformdirs does
+  # not read (it asks Windows for LOCALAPPDATA), so each run here starts with none too
+  local home="$WINEPREFIX/drive_c/users/${USER:-$(id -un)}"
+  rm -rf "$home/Temp/"{pytest-of-*,dlc-snapshot-fix-test-cache-*} "$home/AppData/Local/dlc-snapshot-fix"
   set +e
   python_exe -P -m pytest -p no:cacheprovider --hypothesis-profile slow-host -rs "$@" | tee "$WINE_HOME/last-run.log"
   local status=${PIPESTATUS[0]}

@@ -39,7 +39,7 @@ WINDOWS_DEPS="torch==2.15.0 numpy==1.26.4 msvc-runtime pyyaml>=6 click>=8.1 file
 # a second install beside the first, with DeepLabCut: the torch-only suite runs where DeepLabCut is absent
 DLC_PYDIR=$WINE_HOME/python312-dlc
 WINDOWS_DLC_DEPS="deeplabcut==3.0.2 pydantic==2.6.4 safetensors==0.4.2 tables==3.10.1"
-# CI's share of DeepLabCut's tests there (about 5 minutes): one real training, evaluate_network refusing the two-GPU
+# CI's share of DeepLabCut's tests there (about 3 minutes): one real training, evaluate_network refusing the two-GPU
 # snapshots, the one command, evaluate_network working, restore; --check, a misfit head, two runs at once; DeepLabCut's
 # loader under numpy 1. `scripts/wine.sh dlc-test tests/test_verdicts.py ...` runs any other (docs/platforms.md: all).
 DLC_TESTS=(

@@ -77,6 +77,13 @@ def load_in_memory(path: Path) -> dict[str, Any]:
     return copy.deepcopy(load_snapshot(path))
 
 
+def break_like_two_gpu_rc5(project: Path) -> list[Path]:
+    """A project's snapshots as a two-GPU 3.0.0rc5 run leaves them: ``snapshot-005.pt`` and ``snapshot-best-010.pt``
+    of the model its (first) ``pytorch_config.yaml`` builds, every key ``module.``-prefixed, numpy metrics."""
+    train = next(Path(project).glob("dlc-models-pytorch/iteration-*/*/train"))
+    return write_dataparallel_snapshots(train, build_pose_model(train / "pytorch_config.yaml"), (5, 10), best_epoch=10)
+
+
 def rewrap_as_dataparallel(path: Path, model: torch.nn.Module) -> Path:
     """Turn a snapshot DeepLabCut wrote into the one a two-GPU rc5 run would have written.
 

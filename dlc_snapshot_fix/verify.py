@@ -35,18 +35,22 @@ if TYPE_CHECKING:
 records_in = pickled.records_in
 
 
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """A tensor's bytes in memory order, as a numpy uint8 array (no copy where it is contiguous)."""
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def tensors_bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (unlike ``torch.equal``, NaN equals an identical NaN)."""
     import numpy as np
-    import torch
 
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0:
         return True
-    bytes_a = a.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    bytes_b = b.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return bool(np.array_equal(bytes_a, bytes_b))  # numpy compares bytes at memory speed
+    return bool(np.array_equal(tensor_bytes(a), tensor_bytes(b)))  # numpy compares bytes at memory speed
 
 
 def compare_snapshots(expected: Any, actual: Any, where: str = "snapshot") -> list[str]:

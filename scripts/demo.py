@@ -24,20 +24,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import deeplabcut
 
 from dlc_snapshot_fix import names
-from dlc_snapshot_fix.testing import build_pose_model, write_dataparallel_snapshots
+from dlc_snapshot_fix.testing import break_like_two_gpu_rc5
 
 
 def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def reset(project: Path) -> Path:
+def reset(project: Path) -> None:
     train_dir = next(project.glob("dlc-models-pytorch/iteration-*/*/train"))
     for leftover in train_dir.glob("*.pt"):
         leftover.unlink()
     for folder in (project / names.TOOL_DIR_NAME, *project.glob("evaluation-results-pytorch")):
         shutil.rmtree(folder, ignore_errors=True)
-    return train_dir
 
 
 def evaluate(config: Path) -> bool:
@@ -54,11 +53,10 @@ def evaluate(config: Path) -> bool:
 def main(project: Path) -> int:
     project = project.resolve()
     config = project / "config.yaml"
-    train_dir = reset(project)
+    reset(project)
 
     banner("1. Snapshots as DeepLabCut 3.0.0rc5 saved them after a two-GPU run")
-    model = build_pose_model(train_dir / "pytorch_config.yaml")
-    for path in write_dataparallel_snapshots(train_dir, model, epochs=(5, 10), best_epoch=10):
+    for path in break_like_two_gpu_rc5(project):
         print(f"  {path.relative_to(project)}")
 
     banner("2. deeplabcut.evaluate_network on them")

@@ -177,7 +177,7 @@ def _drive_table() -> list[str]:
     return [row.replace("\\", "\\\\") if "C:\\" in row else row for row in rows]
 
 
-def render() -> str:
+def render(found: dict[str, set[str]]) -> str:
     lines = [
         "# Troubleshooting",
         "",
@@ -197,7 +197,7 @@ def render() -> str:
         *_drive_table(),
         "",
     ]
-    for section, texts in reasons().items():
+    for section, texts in found.items():
         if not texts:
             continue
         lines += [f"## {section[0].upper()}{section[1:]}", ""]
@@ -212,11 +212,12 @@ def _markdown(text: str) -> str:
 
 
 if __name__ == "__main__":
-    page = render()
+    found = reasons()
+    page = render(found)
     if "--check" in sys.argv:
         if PAGE.read_text(encoding="utf-8") != page:
             print(f"{PAGE} is not what the code says: run python scripts/troubleshooting.py", file=sys.stderr)
             sys.exit(1)
     else:
         PAGE.write_text(page, encoding="utf-8")
-        print(f"wrote {PAGE}: {sum(len(t) for t in reasons().values())} reasons")
+        print(f"wrote {PAGE}: {sum(len(t) for t in found.values())} reasons")

@@ -39,7 +39,7 @@ TARGET = "three bodyparts"
 
 
 def make(folder: Path) -> None:
-    from dlc_snapshot_fix.testing import build_pose_model, make_sample_project, write_dataparallel_snapshots
+    from dlc_snapshot_fix.testing import break_like_two_gpu_rc5, make_sample_project
 
     archive = folder / "archive"
     shutil.rmtree(archive, ignore_errors=True)
@@ -47,9 +47,7 @@ def make(folder: Path) -> None:
         project = archive / name
         shutil.copytree(ROOT / "sample_project", project, ignore=shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix"))
         shutil.rmtree(project / "evaluation-results-pytorch", ignore_errors=True)
-        train = next(project.glob("dlc-models-pytorch/iteration-*/*/train"))
-        model = build_pose_model(train / "pytorch_config.yaml")  # DeepLabCut builds it from the project's config
-        write_dataparallel_snapshots(train, model, epochs=(5, 10), best_epoch=10)
+        break_like_two_gpu_rc5(project)  # the model DeepLabCut builds from the project's config
     shutil.rmtree(folder / TARGET, ignore_errors=True)
     make_sample_project(folder / TARGET, ("head", "tail", "mid"))
     print(f"made {archive}: {len(list(archive.rglob('*.pt')))} snapshots")
@@ -116,14 +114,16 @@ def _tensors(adapted: Path, source: Path) -> dict[str, list]:
 
     import torch
 
+    from dlc_snapshot_fix.verify import tensor_bytes, tensors_bit_identical
+
     model = torch.load(adapted, map_location="cpu", weights_only=True)["model"]
     original = torch.load(source, map_location="cpu", weights_only=True)["model"]  # migrated by the archive step
     return {
         key: [
             list(t.shape),
             str(t.dtype),
-            hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-            if key in original and original[key].shape == t.shape and torch.equal(original[key], t)
+            hashlib.sha256(tensor_bytes(t)).hexdigest()
+            if key in original and tensors_bit_identical(original[key], t)
             else "re-initialised",
         ]
         for key, t in sorted(model.items())

@@ -60,12 +60,11 @@ def broken_project(tmp_path: Path) -> Path:
     """sample_project (as its page shows it: DeepLabCut 3.0.2's names) with two snapshots of a two-GPU rc5 run."""
     from conftest import SAMPLE
 
-    from dlc_snapshot_fix.testing import build_pose_model, copy_project, write_dataparallel_snapshots
+    from dlc_snapshot_fix.testing import break_like_two_gpu_rc5, copy_project
 
     ignore = shutil.ignore_patterns("*.pt", ".dlc-snapshot-fix", "evaluation-results*")
     project = copy_project(SAMPLE, tmp_path / "project", ignore=ignore)
-    train = next(project.glob("dlc-models-pytorch/iteration-*/*/train"))
-    write_dataparallel_snapshots(train, build_pose_model(train / "pytorch_config.yaml"), epochs=(5, 10), best_epoch=10)
+    break_like_two_gpu_rc5(project)
     return project
 
 

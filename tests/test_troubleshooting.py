@@ -29,11 +29,10 @@ def test_the_page_is_what_the_code_says():
 
 def _templates() -> list[re.Pattern]:
     """Each reason on the page as a pattern (``…`` matching whatever the file put there), longest first."""
-    entries = re.findall(r"^- ``(.*)``$", PAGE.read_text(encoding="utf-8"), flags=re.M)
+    page = PAGE.read_text(encoding="utf-8")
+    entries = re.findall(r"^- ``(.*)``$", page, flags=re.M)
     entries += [
-        cell
-        for row in re.findall(r"^\| (.*) \|$", PAGE.read_text(encoding="utf-8"), flags=re.M)
-        for cell in row.split(" | ")[1:]
+        cell for row in re.findall(r"^\| (.*) \|$", page, flags=re.M) for cell in row.split(" | ")[1:]
     ]  # the drive table: meaning and advice
     entries = [entry.replace("\\\\", "\\") for entry in entries]  # the table's Markdown escapes (C:\\dlc)
     patterns = [".+?".join(re.escape(part) for part in entry.split("…")) for entry in entries if entry.strip()]
@@ -66,7 +65,7 @@ def test_every_reason_a_run_prints_is_on_the_page(odd_project: Path):
     assert {reason: unexplained(reason, templates) for reason in reasons} == {reason: "" for reason in reasons}
 
 
-def test_a_reason_the_page_lacks_is_found(odd_project: Path):
+def test_a_reason_the_page_lacks_is_found():
     """The check above can fail: a sentence no code says is not explained by the page."""
     assert unexplained("empty file (0 bytes), probably an interrupted copy", _templates()) == ""
     assert unexplained("the snapshot was eaten by a grue; feed it", _templates()) == "snapshot eaten grue feed"
